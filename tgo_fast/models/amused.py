@@ -329,9 +329,18 @@ class MaskedTokenAdapter(ModelAdapter):
         return conv.weight.view(conv.out_channels, conv.in_channels), conv.bias
 
     # --- export and validation ----------------------------------------------------------------
-    def pipeline_call_kwargs(self, prompts: list[str], seed: int) -> dict:
-        """The scheduler samples from one CPU generator seeded with ``seed``."""
-        return {"generator": torch.Generator().manual_seed(seed)}
+    def pipeline_call_kwargs(self, prompts: list[str], seeds: list[int]) -> dict:
+        """The scheduler samples from a single CPU generator, so a call draws one image (see ``_run_pipeline``)."""
+        if len(seeds) != 1:
+            raise ValueError(f"{type(self).__name__}: one pipeline call per image, got {len(seeds)} seeds")
+        return {"generator": torch.Generator().manual_seed(seeds[0])}
+
+    def _run_pipeline(self, pipeline, prompts: list[str], seeds: list[int], **call_kwargs) -> list:
+        """One pipeline call per image: the scheduler's single generator would otherwise tie an image to
+        the others in its batch. Every rank makes as many calls as it has prompts (ZeRO-3 safe when the
+        ranks' prompt lists are equally long)."""
+        run_one = super()._run_pipeline
+        return [run_one(pipeline, [prompt], [seed], **call_kwargs)[0] for prompt, seed in zip(prompts, seeds)]
 
     def save_pretrained(self, state_dict: dict[str, Tensor], output_dir: str | os.PathLike) -> None:
         """Write ``output_dir/transformer`` (config + safetensors), loadable by ``export_class.from_pretrained``."""

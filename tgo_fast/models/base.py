@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 __all__ = [
     "ModelAdapter",
+    "image_seeds",
     "sample_generators",
     "randn_per_sample",
     "rand_per_sample",
@@ -88,30 +89,61 @@ class ModelAdapter(abc.ABC):
     def build_pipeline(self, model: nn.Module | None = None):
         """The diffusers text-to-image pipeline of this family around ``model`` (default: the backbone)."""
 
-    def pipeline_call_kwargs(self, prompts: list[str], seed: int) -> dict:
-        """Family-specific arguments of the pipeline call; by default one CPU generator per prompt (seed + i)."""
-        return {"generator": [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]}
+    def pipeline_call_kwargs(self, prompts: list[str], seeds: list[int]) -> dict:
+        """Family-specific arguments of one pipeline call; by default one CPU generator per image."""
+        return {"generator": [torch.Generator().manual_seed(seed) for seed in seeds]}
 
     @torch.no_grad()
     def generate(
-        self, model: nn.Module, prompts: list[str], *, seed: int, num_inference_steps: int = 4
+        self,
+        model: nn.Module,
+        prompts: list[str],
+        *,
+        seed: int | None = None,
+        seeds: list[int] | None = None,
+        num_inference_steps: int = 4,
+        guidance_scale: float | None = None,
     ) -> list[PIL.Image.Image]:
-        """Validation images from the family's diffusers pipeline built around ``model``."""
+        """Images from the family's diffusers pipeline built around ``model``, one per prompt.
+
+        Image i is drawn with a CPU generator seeded ``seeds[i]`` (or ``seed + i``): it depends on its
+        prompt and seed only, not on the other prompts of the call. ``guidance_scale`` None = the
+        family's ``validation_guidance_scale``.
+        """
+        prompts = list(prompts)
+        seeds = image_seeds(len(prompts), seed=seed, seeds=seeds)
         pipeline = self.build_pipeline(model)
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline(
-            list(prompts),
+        return self._run_pipeline(
+            pipeline,
+            prompts,
+            seeds,
             height=self.resolution,
             width=self.resolution,
             num_inference_steps=num_inference_steps,
-            guidance_scale=self.validation_guidance_scale,
+            guidance_scale=self.validation_guidance_scale if guidance_scale is None else float(guidance_scale),
             output_type="pil",
-            **self.pipeline_call_kwargs(prompts, seed),
-        ).images
+        )
+
+    def _run_pipeline(self, pipeline, prompts: list[str], seeds: list[int], **call_kwargs) -> list[PIL.Image.Image]:
+        """One batched pipeline call (one generator per image)."""
+        return pipeline(prompts, **call_kwargs, **self.pipeline_call_kwargs(prompts, seeds)).images
 
     @abc.abstractmethod
     def save_pretrained(self, state_dict: dict[str, Tensor], output_dir: str | os.PathLike) -> None:
         """Export a (gathered) backbone state dict in diffusers format under ``output_dir``."""
+
+
+def image_seeds(count: int, *, seed: int | None = None, seeds: list[int] | None = None) -> list[int]:
+    """The per-image seeds of a ``generate`` call: ``seeds`` as given (one per image), or ``seed + i``."""
+    if (seed is None) == (seeds is None):
+        raise ValueError("generate: pass exactly one of seed= (image i gets seed + i) or seeds= (one per image)")
+    if seeds is None:
+        return [int(seed) + i for i in range(count)]
+    seeds = [int(value) for value in seeds]
+    if len(seeds) != count:
+        raise ValueError(f"generate: got {len(seeds)} seeds for {count} prompts; pass one seed per prompt")
+    return seeds
 
 
 def sample_generators(seeds: Tensor, batch_size: int | None = None) -> list[torch.Generator]:

@@ -271,8 +271,8 @@ class FluxAdapter(ModelAdapter):
             transformer=unwrap_model(self.backbone if model is None else model),
         )
 
-    def pipeline_call_kwargs(self, prompts: list[str], seed: int) -> dict:
-        return {**super().pipeline_call_kwargs(prompts, seed), "max_sequence_length": self.max_sequence_length}
+    def pipeline_call_kwargs(self, prompts: list[str], seeds: list[int]) -> dict:
+        return {**super().pipeline_call_kwargs(prompts, seeds), "max_sequence_length": self.max_sequence_length}
 
     def save_pretrained(self, state_dict: dict[str, Tensor], output_dir: str | os.PathLike) -> None:
         """Write ``output_dir/transformer``, loadable by ``FluxTransformer2DModel.from_pretrained``."""
