@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""``[torchrun --nproc_per_node N] scripts/score.py ...``: see ``--help`` and docs/pipeline.md."""
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tgo_fast.pipeline.cli import score_main
+
+if __name__ == "__main__":
+    score_main()
