@@ -49,6 +49,8 @@ __all__ = [
     "dataset_scores",
     "load_scored_dataset",
     "prepare_scored_example",
+    "synthetic_caption",
+    "synthetic_renders",
     "synthetic_scored_dataset",
 ]
 
@@ -560,19 +562,50 @@ _ATTRIBUTE_VALUES = {"size": list(_SIZES), "colour": list(_COLOURS), "shape": li
                      "position": list(_POSITIONS), "background": list(_COLOURS)}
 
 
+def _pixel_grid(resolution: int):
+    coords = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
+    return np.meshgrid(coords, coords, indexing="ij")  # (y, x) pixel centres in [0, 1]
+
+
+def _draw_synthetic(rng: np.random.Generator, grid, max_noise: float = 0.25):
+    """One synthetic sample: (true attributes, pixel noise std, (R, R, 3) uint8 render, noisy caption)."""
+    truth = {"shape": _SHAPES[rng.integers(len(_SHAPES))]}
+    truth["colour"], truth["background"] = rng.choice(list(_COLOURS), size=2, replace=False).tolist()
+    truth["size"] = list(_SIZES)[rng.integers(len(_SIZES))]
+    truth["position"] = list(_POSITIONS)[rng.integers(len(_POSITIONS))]
+    noise = float(rng.uniform(0.0, max_noise))  # pixel noise std, as a fraction of 255
+    image = _render(truth, noise, grid, rng)
+    return truth, noise, image, _perturb_caption(truth, rng)
+
+
+def synthetic_caption(attributes: dict[str, str]) -> str:
+    """``"a {size} {colour} {shape} at the {position} on a {background} background"``."""
+    return (f"a {attributes['size']} {attributes['colour']} {attributes['shape']} at the "
+            f"{attributes['position']} on a {attributes['background']} background")
+
+
+def synthetic_renders(num_samples: int, resolution: int = 64, seed: int = 0, *,
+                      max_noise: float = 0.25) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    """Raw synthetic renders for pretraining (no PNG, no score): ``(images (N, R, R, 3) uint8, captions,
+    true attributes)``. Same generator as :func:`synthetic_scored_dataset` (60 % of the captions name one to
+    three wrong attributes, like noisy web captions); pixel noise std ~ U(0, ``max_noise``)·255."""
+    rng = np.random.default_rng(seed)
+    grid = _pixel_grid(resolution)
+    images = np.empty((num_samples, resolution, resolution, 3), np.uint8)
+    captions, truths = [], []
+    for index in range(num_samples):
+        truth, _, images[index], caption = _draw_synthetic(rng, grid, max_noise)
+        captions.append(synthetic_caption(caption))
+        truths.append(truth)
+    return images, captions, truths
+
+
 def _generate_synthetic(num_samples: int, resolution: int, seed: int) -> datasets.Dataset:
     rng = np.random.default_rng(seed)
-    coords = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
-    grid = np.meshgrid(coords, coords, indexing="ij")  # (y, x) pixel centres in [0, 1]
+    grid = _pixel_grid(resolution)
     columns: dict[str, list] = {name: [] for name in _SYNTHETIC_FEATURES}
     for index in range(num_samples):
-        truth = {"shape": _SHAPES[rng.integers(len(_SHAPES))]}
-        truth["colour"], truth["background"] = rng.choice(list(_COLOURS), size=2, replace=False).tolist()
-        truth["size"] = list(_SIZES)[rng.integers(len(_SIZES))]
-        truth["position"] = list(_POSITIONS)[rng.integers(len(_POSITIONS))]
-        noise = float(rng.uniform(0.0, 0.25))  # pixel noise std, as a fraction of 255
-        image = _render(truth, noise, grid, rng)
-        caption = _perturb_caption(truth, rng)
+        truth, noise, image, caption = _draw_synthetic(rng, grid)
         agreement = sum(caption[key] == truth[key] for key in _ATTRIBUTE_VALUES) / len(_ATTRIBUTE_VALUES)
         # aesthetics proxy: shape/background contrast, less noise, a centred subject
         contrast = float(np.linalg.norm(np.subtract(_COLOURS[truth["colour"]], _COLOURS[truth["background"]]))
@@ -582,8 +615,7 @@ def _generate_synthetic(num_samples: int, resolution: int, seed: int) -> dataset
         buffer = io.BytesIO()
         PILImage.fromarray(image, "RGB").save(buffer, format="PNG", compress_level=1)
         row = {"id": f"synthetic-{seed}-{index:06d}",
-               "prompt": (f"a {caption['size']} {caption['colour']} {caption['shape']} at the "
-                          f"{caption['position']} on a {caption['background']} background"),
+               "prompt": synthetic_caption(caption),
                "image": {"bytes": buffer.getvalue(), "path": None},
                "score": round(0.6 * agreement + 0.4 * aesthetics, 6),
                **truth, "agreement": agreement, "aesthetics": aesthetics}

@@ -2,6 +2,7 @@
 
     >>> from tgo_fast.models import build_adapter
     >>> adapter = build_adapter("sd15", None)          # tiny random-init default, no download
+    >>> adapter = build_adapter("sd15", "builtin")     # the shipped tiny pretrained base (tgo_fast.bases)
     >>> adapter = build_adapter("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", dtype=torch.bfloat16)
 
 Adapters are imported lazily, so using one family never imports the others' modules.
@@ -34,6 +35,10 @@ def adapter_class(name: str) -> type[ModelAdapter]:
 
 
 def build_adapter(name: str, pretrained: str | None, **kwargs) -> ModelAdapter:
-    """Build the ``name`` adapter from ``pretrained`` (hub id or local dir) or, when None, the tiny
-    random-init default; ``kwargs`` go to the adapter (resolution, dtype, device, tiny_seed, ...)."""
-    return adapter_class(name)(pretrained, **kwargs)
+    """Build the ``name`` adapter from ``pretrained`` (hub id or local dir; ``"builtin"`` = the shipped tiny
+    pretrained base of the family, see :mod:`tgo_fast.bases`) or, when None, the tiny random-init default;
+    ``kwargs`` go to the adapter (resolution, dtype, device, tiny_seed, ...)."""
+    from ..bases import resolve_pretrained
+
+    cls = adapter_class(name)
+    return cls(resolve_pretrained(name, pretrained), **kwargs)

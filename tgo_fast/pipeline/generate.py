@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from tgo_fast.bases import BUILTIN, base_fingerprint
 from tgo_fast.models import ModelAdapter, adapter_class, build_adapter
 from tgo_fast.trainer import distributed as D
 
@@ -53,8 +54,24 @@ class ModelSource:
     run: str | None = None
 
     def describe(self) -> dict:
-        """A JSON-able description (recorded in a job's ``job.json``)."""
-        return dataclasses.asdict(self)
+        """A JSON-able description (recorded in a job's ``job.json``), with a digest of the weights that are
+        ours to track (a run's ``final/``, a shipped base), so a retrained model never resumes stale images."""
+        return {**dataclasses.asdict(self), "weights": _weights_digest(self)}
+
+
+def _weights_digest(source: ModelSource) -> str | None:
+    if source.run is not None:
+        final = Path(source.run) / "final"
+        digest = hashlib.sha256()
+        for file in sorted(p for p in final.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(final)).encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
+    if source.pretrained == BUILTIN:
+        return base_fingerprint(source.model)
+    return None  # a hub id or a user's folder: the caller names a new out_dir when it changes
 
 
 class Sampler(NamedTuple):
