@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tgo_fast-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test train bench clean
+.PHONY: setup test train train-masked bench clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,25 @@ test: $(STAMP)
 	$(VENV)/bin/pytest tests -q
 	$(VENV)/bin/pytest benchmarks -q --benchmark-disable
 
-# The main job on the embedded default: tiny models, built-in scored dataset, 2 CPU ranks, ZeRO-3.
+# The main job: Algorithm 1 on the shipped tiny pretrained diffusion base (tgo_fast/bases/sd15), 2 CPU ranks:
+# π_ref samples for the training prompts → built-in reward → τ + TGO under ZeRO-3 → base vs policy on held-out
+# prompts. Every step resumes when rerun; the sampling settings below are those of the run config's validation.
+SAMPLING_sd15   := --guidance_scale 4 --num_inference_steps 20
+SAMPLING_amused := --guidance_scale 4 --num_inference_steps 12
+define ALGORITHM_1  # $(1) family, $(2) run config, $(3) run directory
+	$(PY) scripts/generate.py --model $(1) --pretrained builtin --prompts builtin:train --num_prompts 512 \
+	    --images_per_prompt 4 $(SAMPLING_$(1)) --batch_size 64 --out $(3)/proxy
+	$(PY) scripts/score.py --manifest $(3)/proxy/manifest.jsonl --reward builtin --out $(3)/proxy/scored.jsonl
+	$(VENV)/bin/deepspeed --num_gpus 2 scripts/train.py --ds_config configs/zero3_cpu.json --config $(2)
+	$(PY) scripts/evaluate.py --run $(3) --prompts builtin:heldout --num_prompts 256 --images_per_prompt 2 \
+	    --reward builtin $(SAMPLING_$(1)) --batch_size 64 --out $(3)/eval
+endef
+
 train: $(STAMP)
-	$(VENV)/bin/deepspeed --num_gpus 2 scripts/train.py --ds_config configs/zero3_cpu.json --config configs/tiny.yaml
+	$(call ALGORITHM_1,sd15,configs/tiny.yaml,runs/tiny)
+
+train-masked: $(STAMP)
+	$(call ALGORITHM_1,amused,configs/tiny_masked.yaml,runs/tiny_masked)
 
 # Benchmarks with timings (CPU rows here; the kernel rows need a GPU).
 bench: $(STAMP)

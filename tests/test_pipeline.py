@@ -314,3 +314,42 @@ def test_two_torchrun_ranks_give_the_single_process_images_bitwise(sd15_samples,
     merged = read_jsonl(tmp_path / "ranks" / "manifest.jsonl")
     assert same_images(out, rows, tmp_path / "ranks", merged)
     assert len(list((tmp_path / "ranks" / "shards").glob("chunk_*.jsonl"))) == 2  # one per rank
+
+
+# ---------------------------------------------------------------------------------------------- Algorithm 1
+@pytest.mark.slow
+def test_algorithm_1_generate_score_train_evaluate(tmp_path):
+    """The main job's chain on a small budget: π_ref samples for training prompts → built-in scores → τ + TGO
+    (ZeRO-3, a world of one) on that scored file → base vs policy on held-out prompts; the summary is recomputed
+    here from samples.jsonl by hand (means, medians, std, win rate with ties ½)."""
+    from tgo_fast.trainer import Trainer, TrainConfig
+    from tgo_fast.trainer.distributed import world_of_one_session
+
+    train_prompts = load_prompts("builtin:train", num_prompts=4)
+    generate(SD15, train_prompts, tmp_path / "proxy", images_per_prompt=2, num_inference_steps=STEPS)
+    scored = score(tmp_path / "proxy" / "manifest.jsonl", "builtin", tmp_path / "proxy" / "scored.jsonl")
+    cfg = TrainConfig(model="sd15", pretrained=None, resolution=32, data=str(tmp_path / "proxy" / "scored.jsonl"),
+                      output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), train_batch_size=4,
+                      max_steps=2, learning_rate=1e-3, reward="builtin", validation_prompts=PROMPTS,
+                      validation_inference_steps=STEPS, tensorboard=False, plots=False)
+    with world_of_one_session():
+        rows = Trainer(cfg, str(ROOT / "configs" / "zero3_cpu.json")).train()
+    threshold = json.loads((tmp_path / "run" / "threshold.json").read_text())
+    assert threshold["tau"] == pytest.approx(float(np.median([r["score"] for r in scored])))
+    assert threshold["n"] == 8 and len(rows) == 2 and "validation_reward" in rows[-1]
+
+    summary = evaluate(trained_run(tmp_path / "run"), PROMPTS, tmp_path / "eval", images_per_prompt=2,
+                       num_inference_steps=STEPS, rewards=["builtin"])
+    samples = read_jsonl(tmp_path / "eval" / "samples.jsonl")
+    pairs = {}
+    for sample in samples:
+        pairs.setdefault((sample["prompt"], sample["seed"]), {})[sample["model"]] = sample["rewards"]["builtin"]
+    base = np.array([p["base"] for p in pairs.values()])
+    policy = np.array([p["policy"] for p in pairs.values()])
+    entry = summary["rewards"]["builtin"]
+    assert summary["n"] == len(pairs) == 4
+    for name, values in (("base", base), ("policy", policy)):
+        assert entry[name] == {"mean": pytest.approx(values.mean()), "median": pytest.approx(np.median(values)),
+                               "std": pytest.approx(values.std())}
+    assert entry["win_rate"] == pytest.approx(np.mean((policy > base) + 0.5 * (policy == base)))
+    assert not np.array_equal(base, policy)  # the trained policy draws other images than its base

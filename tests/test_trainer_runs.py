@@ -15,6 +15,8 @@ from tgo_fast.trainer.distributed import world_of_one_session
 pytestmark = pytest.mark.slow
 
 DS_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "zero3_cpu.json")
+VALIDATION_PROMPTS = ["a large red circle at the center on a blue background",
+                      "a small blue square at the left on a white background"]
 # Smallest resolutions the tiny models accept, to keep CPU steps short.
 RESOLUTION = {"sd15": 32, "sdxl": 32, "flux": 32, "amused": None, "meissonic": None}
 
@@ -174,17 +176,22 @@ def test_threshold_reestimated_on_a_fresh_proxy_set(model, tmp_path, cache_dir):
     cfg = make_config(tmp_path, cache_dir, model=model, ref_mode="precomputed", ref_update="epoch",
                       threshold_update="proxy", reward="builtin", proxy_size=5, proxy_inference_steps=1,
                       percentile=40.0, max_steps=5, save_interval=4, export=False,
-                      validation_prompts=["a red circle", "a blue square"])
+                      validation_prompts=VALIDATION_PROMPTS)
     trainer = build(cfg)
-    calls = []
+    calls, validation_calls = [], []
 
     def recording_reward(images, prompts):
         scores = synthetic_reward(images, prompts)
-        calls.append((images, prompts, scores))
+        (validation_calls if prompts == VALIDATION_PROMPTS else calls).append((images, prompts, scores))
         return scores
 
     trainer.reward = recording_reward
     rows = trainer.train()
+    # the validation images are scored before training and at the end: validation_reward is their mean
+    assert len(validation_calls) == 2
+    assert rows[-1]["validation_reward"] == pytest.approx(float(validation_calls[-1][2].mean()))
+    first = json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first == {"step": 0, "validation_reward": pytest.approx(float(validation_calls[0][2].mean()))}
     prompts = [p for _, batch, _ in calls for p in batch]
     scores = torch.cat([torch.as_tensor(s, dtype=torch.float64) for *_, s in calls])
     assert len(prompts) == 5 and set(prompts) <= set(trainer.proxy_prompts)

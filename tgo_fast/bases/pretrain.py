@@ -214,7 +214,9 @@ def _train_vq(vqvae, pixels: Tensor, cfg: PretrainConfig, generator: torch.Gener
         quantized, commit_loss, (_, _, indices) = vqvae.quantize(latents)
         usage.add_(torch.bincount(indices.flatten().cpu(), minlength=codebook.shape[0]).float())
         last_latents[:] = [latents.detach().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])]
-        reconstruction = vqvae.decode(quantized, force_not_quantize=True).sample
+        # decode the straight-through quantized latents (``decode(force_not_quantize=True)`` would read them as
+        # code ids: the shipped config has ``lookup_from_codebook`` for aMUSEd's token decoding)
+        reconstruction = vqvae.decoder(vqvae.post_quant_conv(quantized))
         return F.mse_loss(reconstruction, x) + commit_loss
 
     def reseed_dead_codes(step):

@@ -44,9 +44,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 IMPLS = ("auto", "torch", "triton")
 
-DEFAULT_VALIDATION_PROMPTS = (
-    "a red circle on a blue background",
-    "a green square on a yellow background",
+DEFAULT_VALIDATION_PROMPTS = (  # the synthetic world's full caption form, so the built-in reward can score them
+    "a large red circle at the center on a blue background",
+    "a small green square at the left on a yellow background",
 )
 
 
@@ -56,7 +56,7 @@ class TrainConfig:
 
     # --- model
     model: str = "sd15"  # family: sd15 | sdxl | flux | amused | meissonic
-    pretrained: str | None = None  # hub id or local dir; None = tiny random-init model (no download)
+    pretrained: str | None = None  # hub id or local dir; "builtin" = the shipped tiny pretrained base; None = tiny random-init
     resolution: int | None = 32  # pixel side; None = the adapter's default
     # --- data
     data: str | None = None  # jsonl/csv/parquet file, glob or saved HF dataset; None/"builtin" = synthetic
@@ -97,7 +97,7 @@ class TrainConfig:
     ref_mode: str = "separate"  # separate | lora | precomputed
     ref_update: str = "none"  # none | epoch (π_ref ← π_θ after each epoch; separate/precomputed)
     threshold_update: str = "none"  # none | proxy (re-estimate τ on a fresh proxy set after each π_ref ← π_θ)
-    reward: str | None = None  # proxy-set scorer: "builtin" (the synthetic set's score) or "package.module:function"
+    reward: str | None = None  # scorer of proxy sets and validation images: "builtin" or "package.module:function"
     proxy_size: int = 64  # images generated from π_ref (training prompts) per re-estimation
     proxy_inference_steps: int = 4
     resample_noise_each_epoch: bool = True  # fresh noise/timestep/mask seeds per epoch (not precomputed)
@@ -109,6 +109,8 @@ class TrainConfig:
     eval_interval: int = 0  # validation grid every N steps (0 = only at the end)
     validation_prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_VALIDATION_PROMPTS))
     validation_inference_steps: int = 4
+    validation_images_per_prompt: int = 1  # grid rows; with `reward` set, every image is scored (validation_reward)
+    validation_guidance_scale: float | None = None  # None = the family's default
     save_interval: int = 0  # DeepSpeed checkpoint every N steps (0 = only the final export)
     checkpoints_total_limit: int = 2  # keep the newest N checkpoints (0 = keep all)
     export: bool = True  # final diffusers-format export (LoRA weights when training LoRA)
@@ -132,7 +134,8 @@ class TrainConfig:
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("impl", self.impl, IMPLS)
         for name in ("max_steps", "train_batch_size", "builtin_num_samples", "lora_rank", "log_interval",
-                     "validation_inference_steps", "proxy_size", "proxy_inference_steps"):
+                     "validation_inference_steps", "validation_images_per_prompt", "proxy_size",
+                     "proxy_inference_steps"):
             _at_least(name, getattr(self, name), 1)
         for name in ("lr_warmup_steps", "dataloader_num_workers", "eval_interval", "save_interval",
                      "checkpoints_total_limit", "seed"):
@@ -143,6 +146,8 @@ class TrainConfig:
             _at_least("micro_batch_size", self.micro_batch_size, 1)
         for name in ("learning_rate", "beta", "temperature", "adam_epsilon", "lora_alpha"):
             _positive(name, getattr(self, name))
+        if self.validation_guidance_scale is not None:
+            _nonnegative("validation_guidance_scale", self.validation_guidance_scale)
         for name in ("c", "weight_decay", "max_grad_norm", "kto_desirable_weight", "kto_undesirable_weight"):
             _nonnegative(name, getattr(self, name))
         for name in ("adam_beta1", "adam_beta2"):

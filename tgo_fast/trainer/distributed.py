@@ -12,7 +12,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "world_of_one_session", "rank", "world_size", "local_rank", "is_main", "barrier", "device",
+__all__ = ["init_distributed", "share_cpu_threads", "world_of_one_session", "rank", "world_size", "local_rank", "is_main", "barrier", "device",
            "all_reduce_sum", "all_gather_tensor"]
 
 
@@ -38,6 +38,8 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        share_cpu_threads()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
@@ -56,6 +58,15 @@ def world_of_one_session():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def share_cpu_threads() -> None:
+    """CPU ranks on one machine split its cores (as torchrun's OMP_NUM_THREADS=1 default does, but keeping all
+    cores busy): ranks that each ran ``os.cpu_count()`` threads would oversubscribe the cores and thrash. An
+    explicit OMP_NUM_THREADS wins."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun | deepspeed
+    if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
 def rank() -> int:

@@ -40,7 +40,8 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool, log_interval: int):
         self.path = run_dir / "metrics.jsonl"
-        self.history = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
+        # a fresh run (resume_step 0) starts an empty file; a resumed one keeps the rows up to its step
+        self.history = [row for row in read_metrics(self.path) if row["step"] <= resume_step] if resume_step else []
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.history)
@@ -59,7 +60,8 @@ class MetricsWriter:
         if self.tensorboard is not None and (row["step"] % self.log_interval == 0):
             for key, value in row.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tensorboard.add_scalar(f"train/{key}", value, row["step"])
+                    section = "validation" if key.startswith("validation_") else "train"
+                    self.tensorboard.add_scalar(f"{section}/{key.removeprefix('validation_')}", value, row["step"])
 
     def add_image(self, tag: str, image: PIL.Image.Image, step: int) -> None:
         if self.tensorboard is not None:
@@ -91,17 +93,20 @@ def _pyplot():
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy (where the objective defines ŝ) against the optimizer step."""
+    """Loss, accuracy (where the objective defines ŝ) and the validation reward (when scored) against the step."""
     plt = _pyplot()
-    steps = [row["step"] for row in history]
-    has_accuracy = any("accuracy" in row for row in history)
-    fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(10 if has_accuracy else 5, 3.5), squeeze=False)
-    axes[0, 0].plot(steps, [row["loss"] for row in history], marker=".")
-    axes[0, 0].set(xlabel="step", ylabel="loss", title="training loss")
-    if has_accuracy:
-        axes[0, 1].plot(steps, [row.get("accuracy", float("nan")) for row in history], marker=".", color="tab:green")
-        axes[0, 1].set(xlabel="step", ylabel="accuracy", title="sign(ŝ) agrees with the pseudo-label", ylim=(-0.05, 1.05))
-    for ax in axes.flat:
+    panels = [("loss", "loss", "training loss", "tab:blue")]
+    if any("accuracy" in row for row in history):
+        panels.append(("accuracy", "accuracy", "sign(ŝ) agrees with the pseudo-label", "tab:green"))
+    if any("validation_reward" in row for row in history):
+        panels.append(("validation_reward", "mean reward", "reward of the validation images", "tab:purple"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, ylabel, title, colour) in zip(axes.flat, panels):
+        points = [(row["step"], row[key]) for row in history if key in row]
+        ax.plot([s for s, _ in points], [v for _, v in points], marker=".", color=colour)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        if key == "accuracy":
+            ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -98,11 +98,14 @@ class Trainer:
         self.initial_threshold = self.threshold = self._estimate_threshold()  # of the training set (or the file)
         self.tau = self.threshold.tau
         self.reward = self.proxy_prompts = None
-        if cfg.threshold_update == "proxy":  # fail before training if the reward cannot be loaded
-            from ..data import dataset_prompts
+        if cfg.reward is not None:  # fail before training if the reward cannot be loaded or read the prompts
             from ..rewards import check_reward_prompts, load_reward
 
             self.reward = load_reward(cfg.reward)
+            check_reward_prompts(self.reward, cfg.validation_prompts)
+        if cfg.threshold_update == "proxy":
+            from ..data import dataset_prompts
+
             self.proxy_prompts = dataset_prompts(self.dataset)
             check_reward_prompts(self.reward, self.proxy_prompts)
         self.train_dataset, self.collate = self._training_dataset()
@@ -136,7 +139,7 @@ class Trainer:
         from ..models import build_adapter
 
         cfg = self.cfg
-        if cfg.pretrained is not None:
+        if cfg.pretrained is not None and cfg.pretrained != "builtin":
             _check_pretrained(cfg.model, cfg.pretrained)
         dtype = _DTYPES[self.precision]
         try:
@@ -176,9 +179,14 @@ class Trainer:
         return estimate
 
     def _adapter_identity(self) -> dict[str, Any]:
-        return {"model": self.cfg.model, "pretrained": self.cfg.pretrained, "resolution": self.adapter.resolution,
-                "tiny_seed": self.cfg.seed if self.cfg.pretrained is None else None, "dtype": self.precision,
-                "class": type(self.adapter).__qualname__}
+        identity = {"model": self.cfg.model, "pretrained": self.cfg.pretrained, "resolution": self.adapter.resolution,
+                    "tiny_seed": self.cfg.seed if self.cfg.pretrained is None else None, "dtype": self.precision,
+                    "class": type(self.adapter).__qualname__}
+        if self.cfg.pretrained == "builtin":  # a retrained shipped base must not reuse stale encodings
+            from ..bases import base_fingerprint
+
+            identity["base"] = base_fingerprint(self.cfg.model)
+        return identity
 
     def _training_dataset(self):
         """The encoded cache (pre-pass: each rank encodes its chunks, every rank reads all) or raw images."""
@@ -558,21 +566,31 @@ class Trainer:
             self.engine.train()
 
     @torch.no_grad()
-    def validate(self, step: int) -> Path | None:
-        """Validation grid for the fixed prompts (every rank runs the pipeline)."""
+    def validate(self, step: int) -> dict[str, float]:
+        """Validation grid (a column per prompt, a row per seed; every rank runs the pipeline) under
+        ``samples/``, and with ``reward`` set the mean reward of its images, returned as ``validation_reward``."""
         from diffusers.utils import make_image_grid
 
+        from ..rewards import score_images
+
+        cfg = self.cfg
+        prompts = list(cfg.validation_prompts)
+        rows = cfg.validation_images_per_prompt
         with self._generating():
-            images = self.adapter.generate(self.engine.module, list(self.cfg.validation_prompts), seed=self.cfg.seed,
-                                           num_inference_steps=self.cfg.validation_inference_steps)
+            images = self.adapter.generate(self.engine.module, prompts * rows,
+                                           seeds=[cfg.seed + i for i in range(len(prompts) * rows)],
+                                           num_inference_steps=cfg.validation_inference_steps,
+                                           guidance_scale=cfg.validation_guidance_scale)
         if not D.is_main():
-            return None
-        grid = make_image_grid(images, rows=1, cols=len(images))
+            return {}
+        grid = make_image_grid(images, rows=rows, cols=len(prompts))
         path = self.run_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(exist_ok=True)
         grid.save(path)
         self.metrics.add_image("validation", grid, step)
-        return path
+        if self.reward is None:
+            return {}
+        return {"validation_reward": float(score_images(self.reward, images, prompts * rows).mean())}
 
     def _state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full policy state dict on rank 0 (gathered from the ZeRO-3 shards), None elsewhere."""
@@ -630,6 +648,10 @@ class Trainer:
         batches = iter(loader)
         progress = tqdm(total=cfg.max_steps, initial=self.start_step, desc="TGO" if cfg.loss == "tgo" else cfg.loss,
                         disable=not D.is_main(), dynamic_ncols=True)
+        if self.start_step == 0 and self.reward is not None:  # the base's reward: where the curve starts
+            before = self.validate(0)
+            if D.is_main():
+                self.metrics.log({"step": 0, **before})
         for step in range(self.start_step + 1, cfg.max_steps + 1):
             started = time.perf_counter()
             epoch = self.schedule.epoch_of(step - 1)
@@ -651,6 +673,8 @@ class Trainer:
                        peak_memory_mib=peak_memory_mib(self.device))
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
+            if step == cfg.max_steps or (cfg.eval_interval and step % cfg.eval_interval == 0):
+                row.update(self.validate(step))
             if D.is_main():
                 self.metrics.log(row)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('accuracy', float('nan')):.2f}",
@@ -661,12 +685,9 @@ class Trainer:
                 self.update_reference()
                 if cfg.threshold_update == "proxy":
                     self.reestimate_threshold(epoch)
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
-                self.validate(step)
             if cfg.save_interval and step % cfg.save_interval == 0:
                 self.save_checkpoint(step)
         progress.close()
-        self.validate(cfg.max_steps)
         if cfg.export:
             self.export()
         if D.is_main():
