@@ -13,7 +13,7 @@ Forward, two launches:
        ∂ℓ/∂ŝ = w·σ(x)·(1 − 2l) = w·(σ(ŝ) − l),
    the reduced loss, the stats of ``return_stats`` and the per-sample gradient coefficient
        coef_i = ∂L/∂ŝ_i · ∂ŝ_i/∂(p − t)_ij / (p − t)_ij = ∂L/∂ŝ_i · (−2β/(T·D)).
-   A Triton epilogue rather than ``tgo_fast.loss.tgo_objective``: the torch version is about a dozen
+   A Triton epilogue rather than ``tgo_fast._math.tgo_objective``: the torch version is about a dozen
    launches and two host synchronisations on B ≤ 512 numbers, the same order of cost as the whole
    streaming pass at the benchmark shapes (benchmarks/gpu_diffusion_loss.py measures ``torch_epilogue_us``).
 

@@ -42,8 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
-from tgo_fast._validation import check_batch, check_float_tensor
-from tgo_fast.loss import _stats, check_masked_targets, tgo_objective
+# A leaf, like Liger's ops/: the shared TGO math and the argument checks, nothing from tgo_fast.loss.
+from tgo_fast._math import tgo_objective, tgo_stats
+from tgo_fast._validation import (
+    check_batch, check_common, check_finite_values, check_float_tensor, check_masked_targets, resolve_impl,
+)
 
 # Largest V block of one program; a row of V = 8256 codes takes one block of 16384 lanes.
 _MAX_BLOCK_V = 16384
@@ -219,25 +222,32 @@ def call_as_forward(module: torch.nn.Module, fn, *args):
             module.forward = own_forward
 
 
-def fused_head_loss(head: torch.nn.Module, hidden, targets, scores, threshold, **kwargs):
+def _uses_triton(impl: str, hidden) -> bool:
+    check_float_tensor(hidden, "hidden")
+    return resolve_impl(impl, hidden) == "triton"
+
+
+def fused_head_loss(head: torch.nn.Module, hidden, targets, scores, threshold, *, impl="auto", **kwargs):
     """``tgo_fused_linear_masked_loss(hidden, head.weight, targets, scores, threshold, bias=head.bias,
-    **kwargs)`` run as ``head``'s forward (a Linear or aMUSEd's 1×1 Conv2d): the way to call the
+    impl=impl, **kwargs)`` run as ``head``'s forward (a Linear or aMUSEd's 1×1 Conv2d): the way to call the
     fused loss on a DeepSpeed ZeRO-3-partitioned head; plain heads work the same."""
-    from tgo_fast.loss import tgo_fused_linear_masked_loss
+    use_triton = _uses_triton(impl, hidden)
 
     def loss_of(hidden):
-        return tgo_fused_linear_masked_loss(hidden, head.weight, targets, scores, threshold, bias=head.bias, **kwargs)
+        return fused_linear_masked_loss(
+            hidden, head.weight, targets, scores, threshold, bias=head.bias, use_triton=use_triton, **kwargs
+        )
 
     return call_as_forward(head, loss_of, hidden)
 
 
-def head_token_logprob(head: torch.nn.Module, hidden, targets, **kwargs):
-    """``masked_token_logprob(hidden, head.weight, targets, bias=head.bias, **kwargs)`` run as
+def head_token_logprob(head: torch.nn.Module, hidden, targets, *, impl="auto", **kwargs):
+    """``masked_token_logprob(hidden, head.weight, targets, bias=head.bias, impl=impl, **kwargs)`` run as
     ``head``'s forward (ZeRO-3-safe), for the frozen reference model."""
-    from tgo_fast.loss import masked_token_logprob as public_masked_token_logprob
+    use_triton = _uses_triton(impl, hidden)
 
     def logprob_of(hidden):
-        return public_masked_token_logprob(hidden, head.weight, targets, bias=head.bias, **kwargs)
+        return masked_token_logprob(hidden, head.weight, targets, bias=head.bias, use_triton=use_triton, **kwargs)
 
     return call_as_forward(head, logprob_of, hidden)
 
@@ -288,18 +298,18 @@ def _validate(hidden, weight, bias, targets, ignore_index) -> tuple[torch.Tensor
     for name, tensor in (("weight", weight), ("bias", bias), ("targets", targets)):
         if isinstance(tensor, torch.Tensor) and tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}: move it")
-    counts = check_masked_targets(targets, hidden.shape[:-1], ignore_index, vocab)
+    targets, counts = check_masked_targets(targets, hidden.shape[:-1], ignore_index, vocab)
     return head, _masked_rows(targets, counts, ignore_index)
 
 
 def _masked_rows(targets: torch.Tensor, counts: torch.Tensor, ignore_index: int) -> _MaskedRows:
-    """The masked-row layout of validated targets (B, L...) with |M_i| = counts (B,)."""
+    """The masked-row layout of validated int64 targets (B, L...) with |M_i| = counts (B,)."""
     mask = (targets != ignore_index).reshape(-1)
     row_index = mask.nonzero().squeeze(1)
     row_sample = row_index // (mask.numel() // targets.shape[0])
     return _MaskedRows(
         row_index=row_index,
-        row_targets=targets.reshape(-1)[row_index].long(),
+        row_targets=targets.reshape(-1)[row_index],
         row_sample=row_sample,
         counts=counts.tolist(),
         counts_tensor=counts.float(),
@@ -545,7 +555,7 @@ class FusedLinearMaskedTGOFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------
-# Functional entry points (called by tgo_fast.loss after the common arguments are validated)
+# Functional entry points (tgo_fast.loss resolves impl; every other argument is validated here)
 # ----------------------------------------------------------------------------------------------
 
 def masked_token_logprob(hidden, weight, targets, *, bias=None, ignore_index=-100, use_triton=False,
@@ -582,10 +592,10 @@ def fused_linear_masked_loss(hidden, weight, targets, scores, threshold, *, bias
     n_samples = len(layout.counts)
     check_float_tensor(ref_logp, "ref_logp")
     check_batch(ref_logp, "ref_logp", n_samples)
-    if not bool(torch.isfinite(ref_logp).all()):
-        raise ValueError("ref_logp (the reference log-probs) has non-finite values")
+    check_finite_values(ref_logp, "ref_logp", "the reference log-probs")
+    scores, threshold = check_common(scores, threshold, n_samples, hidden.device, beta=beta, c=c, reduction=reduction)
     ref_logp = ref_logp.detach().to(hidden.device, torch.float32)  # constants: no gradient into the reference
-    scores = scores.detach().to(hidden.device, torch.float32)
+    scores = scores.to(torch.float32)
     chunk_rows = chunk_rows or _default_chunk_rows(len(layout.row_index), head.shape[1], head.shape[0])
     row_step = _row_step_triton if use_triton else _row_step_torch
 
@@ -607,4 +617,4 @@ def fused_linear_masked_loss(hidden, weight, targets, scores, threshold, *, bias
     if not return_stats:
         return loss
     implicit_score = beta * (policy_logp.detach() - ref_logp)
-    return loss, _stats(implicit_score, labels, weights, "policy_logp", policy_logp, "reference_logp", ref_logp)
+    return loss, tgo_stats(implicit_score, labels, weights, "policy_logp", policy_logp, "reference_logp", ref_logp)

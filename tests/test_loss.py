@@ -291,3 +291,39 @@ def test_tgo_loss_module_masked_family():
         module(logits, ref_logits, targets, scores, reduction="none"),
         tgo_masked_loss(logits, ref_logits, targets, scores, 0.5, beta=2.0, reduction="none"),
     )
+
+
+# ------------------------------------------------------------------------------------------- layering
+def _tgo_fast_imports(path) -> set[str]:
+    """The tgo_fast modules a source file imports (absolute, or relative to the tgo_fast package)."""
+    import ast
+
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ("tgo_fast." if node.level else "") + (node.module or "")
+            modules.update({base} if node.module else {f"tgo_fast.{alias.name}" for alias in node.names})
+    return {name for name in modules if name.split(".")[0] == "tgo_fast"}
+
+
+def test_kernels_and_shared_math_are_leaves():
+    """The kernel modules import only the shared math and the checks; those two import only torch, so the
+    public layer (tgo_fast.loss) depends on the kernels and never the other way round."""
+    import pathlib
+
+    import tgo_fast
+    import tgo_fast.kernels
+    from tgo_fast import _math
+
+    package = pathlib.Path(tgo_fast.__file__).parent
+    kernel_files = sorted(pathlib.Path(tgo_fast.kernels.__file__).parent.glob("*.py"))
+    assert len(kernel_files) >= 3
+    for path in kernel_files:
+        assert _tgo_fast_imports(path) <= {"tgo_fast._math", "tgo_fast._validation"}, path.name
+    for leaf in ("_math.py", "_validation.py"):
+        assert _tgo_fast_imports(package / leaf) == set(), leaf
+    from tgo_fast import loss, threshold
+
+    assert loss.tgo_objective is _math.tgo_objective and threshold.labels_of is _math.labels_of

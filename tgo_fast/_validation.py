@@ -1,4 +1,4 @@
-"""Argument checks shared by the losses and the threshold helpers.
+"""Argument checks shared by the losses, the kernels and the threshold helpers (a leaf: imports torch only).
 
 Every check raises before any compute, with a message that names the argument, what was received and
 what is expected (SPEC §3).
@@ -6,6 +6,7 @@ what is expected (SPEC §3).
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -93,3 +94,73 @@ def check_same_shape(tensor: torch.Tensor, name: str, reference: torch.Tensor, r
 def check_batch(tensor: torch.Tensor, name: str, batch: int) -> None:
     if tensor.dim() != 1 or tensor.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},) (one value per sample), got {tuple(tensor.shape)}")
+
+
+def check_finite_values(tensor: torch.Tensor, name: str, what: str) -> None:
+    """Every value of a precomputed float tensor (B,) is finite: a NaN would silently make the loss NaN."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten()[:5].tolist()
+        raise ValueError(
+            f"{name} ({what}) must be finite; non-finite values at positions {bad}: recompute them, or drop those "
+            "samples from the batch"
+        )
+
+
+def check_common(scores, threshold, batch: int, device, *, beta, c, reduction) -> tuple[torch.Tensor, float]:
+    """Validate the arguments every TGO loss takes; return scores on `device` and τ as a float."""
+    scores = as_score_tensor(scores, "scores")
+    check_batch(scores, "scores", batch)
+    threshold = check_finite_number(threshold, "threshold")
+    check_positive(beta, "beta")
+    check_nonnegative(c, "c")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    return scores.detach().to(device), threshold  # scores are constants: no gradient flows into them
+
+
+def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
+    """"auto" → "triton" on CUDA tensors (not fp64), "torch" elsewhere; "triton" on CPU needs the interpreter."""
+    check_choice(impl, "impl", IMPLS)
+    if impl == "auto":
+        # fp64 stays on the reference: the kernels accumulate in fp32.
+        return "triton" if tensor.is_cuda and tensor.dtype != torch.float64 else "torch"
+    if impl == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"impl='triton' got tensors on {tensor.device}: the Triton kernels need CUDA tensors, or the Triton "
+            "interpreter (set TRITON_INTERPRET=1 before importing tgo_fast). Use impl='auto' or 'torch' on CPU."
+        )
+    return impl
+
+
+def check_masked_targets(
+    targets, batch_shape, ignore_index: int, num_classes: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """targets (B, *) integer token ids of any width, ignore_index where not masked; every sample has a masked
+    position.
+
+    Returns the targets as int64 (compared with ignore_index in int64: −100 is not representable in uint8, where
+    it would wrap to 156) and the per-sample count of masked positions (B,).
+    """
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(batch_shape):
+        raise ValueError(f"targets must have shape {tuple(batch_shape)}, got {tuple(targets.shape)}")
+    targets = targets.long()
+    masked = targets != ignore_index
+    if num_classes is not None:
+        out_of_range = masked & ((targets < 0) | (targets >= num_classes))
+        if bool(out_of_range.any()):
+            bad = targets[out_of_range][:5].tolist()
+            raise ValueError(
+                f"targets hold ids {bad} outside [0, {num_classes}) that are not ignore_index={ignore_index}"
+            )
+    counts = masked.reshape(targets.shape[0], -1).sum(dim=1)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"sample(s) {empty[:10]} have no masked position (every target is ignore_index={ignore_index}): "
+            "their log-likelihood is undefined; mask at least one token per sample"
+        )
+    return targets, counts

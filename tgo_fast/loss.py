@@ -23,14 +23,13 @@ only: the reference, the target, the scores and τ are constants.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as V
-from .threshold import labels_of, weights_of
+from ._math import compute_dtype, sign_agreement, tgo_objective, tgo_stats
 
 __all__ = [
     "tgo_diffusion_loss",
@@ -40,76 +39,6 @@ __all__ = [
     "tgo_objective",
     "TGOLoss",
 ]
-
-
-# --------------------------------------------------------------------------------------------- dispatch
-def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
-    """"auto" → "triton" on CUDA tensors (not fp64), "torch" elsewhere; "triton" on CPU needs the interpreter."""
-    V.check_choice(impl, "impl", V.IMPLS)
-    if impl == "auto":
-        # fp64 stays on the reference: the kernels accumulate in fp32.
-        return "triton" if tensor.is_cuda and tensor.dtype != torch.float64 else "torch"
-    if impl == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"impl='triton' got tensors on {tensor.device}: the Triton kernels need CUDA tensors, or the Triton "
-            "interpreter (set TRITON_INTERPRET=1 before importing tgo_fast). Use impl='auto' or 'torch' on CPU."
-        )
-    return impl
-
-
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
-def _check_common(scores, threshold, batch: int, device, *, beta, c, reduction) -> tuple[torch.Tensor, float]:
-    """Validate the arguments every TGO loss takes; return scores on `device` and τ as a float."""
-    scores = V.as_score_tensor(scores, "scores")
-    V.check_batch(scores, "scores", batch)
-    threshold = V.check_finite_number(threshold, "threshold")
-    V.check_positive(beta, "beta")
-    V.check_nonnegative(c, "c")
-    V.check_choice(reduction, "reduction", V.REDUCTIONS)
-    return scores.detach().to(device), threshold  # scores are constants: no gradient flows into them
-
-
-# --------------------------------------------------------------------------------- the TGO objective (§1)
-def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample
-
-
-def tgo_objective(
-    implicit_score: torch.Tensor, scores: torch.Tensor, threshold: float, c: float, reduction: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The TGO loss from per-sample implicit scores ŝ (B,): returns (loss, labels, weights).
-
-    ℓ_i = w_i·softplus((1 − 2·l_i)·ŝ_i): softplus is the stable −log σ (never log(σ + ε)); its gradient is
-    σ((1 − 2l)·ŝ)·(1 − 2l) = σ(ŝ) − l, so ∂ℓ_i/∂ŝ_i = w_i·(σ(ŝ_i) − l_i) comes out of autograd exactly.
-    """
-    labels = labels_of(scores, threshold).to(implicit_score.dtype)
-    weights = weights_of(scores, threshold, c).to(implicit_score.dtype)
-    per_sample = weights * F.softplus((1.0 - 2.0 * labels) * implicit_score)
-    return _reduce(per_sample, reduction), labels, weights
-
-
-def sign_agreement(implicit_score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """1.0 where sign(ŝ) agrees with the label (ŝ > 0 with l = 1, ŝ < 0 with l = 0), else 0.0; ŝ = 0 never agrees."""
-    agrees = ((implicit_score > 0) & (labels == 1)) | ((implicit_score < 0) & (labels == 0))
-    return agrees.to(implicit_score.dtype).detach()
-
-
-def _stats(implicit_score, labels, weights, policy_name, policy, reference_name, reference) -> dict:
-    return {
-        "implicit_score": implicit_score.detach(),
-        policy_name: policy.detach(),
-        reference_name: reference.detach(),
-        "labels": labels.detach(),
-        "weights": weights.detach(),
-        "accuracy": sign_agreement(implicit_score, labels),
-    }
 
 
 # ----------------------------------------------------------------------------------- diffusion / flow (§2)
@@ -139,7 +68,7 @@ def _check_diffusion(model_pred, ref_pred, target, ref_error, temperature):
 
 def diffusion_implicit_score(model_pred, ref_pred, target, ref_error, beta, temperature):
     """ŝ = (β/T)·Δ with Δ in the product form of SPEC §2; returns (ŝ, e_θ, e_ref), each (B,)."""
-    dtype = _compute_dtype(model_pred)
+    dtype = compute_dtype(model_pred)
     batch = model_pred.shape[0]
     pred = model_pred.to(dtype).reshape(batch, -1)
     target = target.detach().to(dtype).reshape(batch, -1)
@@ -186,10 +115,10 @@ def tgo_diffusion_loss(
             reference_error, labels, weights, accuracy.
     """
     _check_diffusion(model_pred, ref_pred, target, ref_error, temperature)
-    scores, threshold = _check_common(
+    scores, threshold = V.check_common(
         scores, threshold, model_pred.shape[0], model_pred.device, beta=beta, c=c, reduction=reduction
     )
-    if resolve_impl(impl, model_pred) == "triton":
+    if V.resolve_impl(impl, model_pred) == "triton":
         from .kernels.diffusion_loss import tgo_diffusion_loss_triton
 
         return tgo_diffusion_loss_triton(
@@ -202,48 +131,23 @@ def tgo_diffusion_loss(
     loss, labels, weights = tgo_objective(implicit_score, scores, threshold, c, reduction)
     if not return_stats:
         return loss
-    return loss, _stats(
+    return loss, tgo_stats(
         implicit_score, labels, weights, "policy_error", policy_error, "reference_error", reference_error
     )
 
 
 # ------------------------------------------------------------------------------------------- masked (§2)
-def check_masked_targets(targets, batch_shape, ignore_index: int, num_classes: int | None = None) -> torch.Tensor:
-    """targets (B, *) integer token ids, ignore_index where not masked; every sample has a masked position.
-
-    Returns the per-sample count of masked positions (B,).
-    """
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
-    if tuple(targets.shape) != tuple(batch_shape):
-        raise ValueError(f"targets must have shape {tuple(batch_shape)}, got {tuple(targets.shape)}")
-    masked = targets != ignore_index
-    if num_classes is not None:
-        out_of_range = masked & ((targets < 0) | (targets >= num_classes))
-        if bool(out_of_range.any()):
-            bad = targets[out_of_range][:5].tolist()
-            raise ValueError(
-                f"targets hold ids {bad} outside [0, {num_classes}) that are not ignore_index={ignore_index}"
-            )
-    counts = masked.reshape(targets.shape[0], -1).sum(dim=1)
-    empty = torch.nonzero(counts == 0).flatten().tolist()
-    if empty:
-        raise ValueError(
-            f"sample(s) {empty[:10]} have no masked position (every target is ignore_index={ignore_index}): "
-            "their log-likelihood is undefined; mask at least one token per sample"
-        )
-    return counts
-
-
 def logprob_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """log π(y_i|x_i) = mean over masked positions of log softmax(logits)[target], per sample (B,)."""
-    dtype = _compute_dtype(logits)
+    """log π(y_i|x_i) = mean over masked positions of log softmax(logits)[target], per sample (B,).
+
+    Targets of any integer width; the per-sample sum runs over a dense (B, L) tensor (ignored positions hold 0),
+    a fixed-order reduction: deterministic, on CUDA too.
+    """
+    dtype = compute_dtype(logits)
     batch, num_classes = logits.shape[0], logits.shape[-1]
-    flat_targets = targets.reshape(-1)
+    targets = targets.long()  # cross_entropy takes int64 class indices only
     token_logp = -F.cross_entropy(
-        logits.reshape(-1, num_classes).to(dtype), flat_targets, ignore_index=ignore_index, reduction="none"
+        logits.reshape(-1, num_classes).to(dtype), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
     ).reshape(batch, -1)
     counts = (targets != ignore_index).reshape(batch, -1).sum(dim=1)
     return token_logp.sum(dim=1) / counts.to(dtype)
@@ -289,9 +193,9 @@ def tgo_masked_loss(
     else:
         V.check_float_tensor(ref_logp, "ref_logp")
         V.check_batch(ref_logp, "ref_logp", logits.shape[0])
-    counts = check_masked_targets(targets, logits.shape[:-1], ignore_index, logits.shape[-1])
-    scores, threshold = _check_common(scores, threshold, logits.shape[0], logits.device, beta=beta, c=c, reduction=reduction)
-    if resolve_impl(impl, logits) == "triton":
+    targets, counts = V.check_masked_targets(targets, logits.shape[:-1], ignore_index, logits.shape[-1])
+    scores, threshold = V.check_common(scores, threshold, logits.shape[0], logits.device, beta=beta, c=c, reduction=reduction)
+    if V.resolve_impl(impl, logits) == "triton":
         from .kernels.fused_linear_masked_loss import logprob_from_logits_triton
 
         logprob = functools.partial(logprob_from_logits_triton, targets=targets, counts=counts, ignore_index=ignore_index)
@@ -308,7 +212,7 @@ def tgo_masked_loss(
     loss, labels, weights = tgo_objective(implicit_score, scores, threshold, c, reduction)
     if not return_stats:
         return loss
-    return loss, _stats(implicit_score, labels, weights, "policy_logp", policy_logp, "reference_logp", reference_logp)
+    return loss, tgo_stats(implicit_score, labels, weights, "policy_logp", policy_logp, "reference_logp", reference_logp)
 
 
 def tgo_fused_linear_masked_loss(
@@ -335,8 +239,7 @@ def tgo_fused_linear_masked_loss(
             ``masked_token_logprob`` of the reference model. Gradients flow to hidden, weight and bias.
     """
     V.check_float_tensor(hidden, "hidden")
-    scores, threshold = _check_common(scores, threshold, hidden.shape[0], hidden.device, beta=beta, c=c, reduction=reduction)
-    use_triton = resolve_impl(impl, hidden) == "triton"
+    use_triton = V.resolve_impl(impl, hidden) == "triton"
     from .kernels.fused_linear_masked_loss import fused_linear_masked_loss
 
     return fused_linear_masked_loss(
@@ -356,7 +259,7 @@ def masked_token_logprob(
 ) -> torch.Tensor:
     """Per-sample mean log-prob of the masked targets (B,), fp32, computed chunk by chunk without grad."""
     V.check_float_tensor(hidden, "hidden")
-    use_triton = resolve_impl(impl, hidden) == "triton"
+    use_triton = V.resolve_impl(impl, hidden) == "triton"
     from .kernels.fused_linear_masked_loss import masked_token_logprob as _masked_token_logprob
 
     return _masked_token_logprob(hidden, weight, targets, bias=bias, ignore_index=ignore_index, use_triton=use_triton)

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from ._math import labels_of, weights_of
 from ._validation import as_score_tensor, check_finite_number, check_nonnegative
 
 # torch.quantile refuses inputs with more than 2**24 elements.
@@ -101,26 +102,7 @@ def confidence_weights(
     scores = as_score_tensor(scores, "scores")
     tau = check_finite_number(tau, "threshold")
     c = check_nonnegative(c, "c")
-    return weights_of(scores, tau, c, scale)
-
-
-# Unchecked forms for callers that validated already (the losses: one host sync per call, not three).
-def labels_of(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """l = 1[s ≥ τ], compared in fp32 (fp64 scores in fp64), never in the scores' half precision."""
-    return (scores.to(_compute_dtype(scores)) >= tau).to(_compute_dtype(scores))
-
-
-def weights_of(scores: torch.Tensor, tau: float, c: float, scale: float | str | None = None) -> torch.Tensor:
-    """w = 1 + c·|s − τ| / scale."""
-    values = scores.to(_compute_dtype(scores))
-    distance = (values - tau).abs()
-    if scale is not None:
-        distance = distance / _scale_value(values, scale)
-    return 1.0 + c * distance
-
-
-def _compute_dtype(scores: torch.Tensor) -> torch.dtype:
-    return torch.float64 if scores.dtype == torch.float64 else torch.float32
+    return weights_of(scores, tau, c, 1.0 if scale is None else _scale_value(scores, scale))
 
 
 def _scale_value(values: torch.Tensor, scale: float | str) -> float:
