@@ -592,7 +592,7 @@ def fused_linear_masked_loss(hidden, weight, targets, scores, threshold, *, bias
     n_samples = len(layout.counts)
     check_float_tensor(ref_logp, "ref_logp")
     check_batch(ref_logp, "ref_logp", n_samples)
-    check_finite_values(ref_logp, "ref_logp", "the reference log-probs")
+    check_finite_values(ref_logp, "ref_logp", "the precomputed reference log-probs")
     scores, threshold = check_common(scores, threshold, n_samples, hidden.device, beta=beta, c=c, reduction=reduction)
     ref_logp = ref_logp.detach().to(hidden.device, torch.float32)  # constants: no gradient into the reference
     scores = scores.to(torch.float32)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tgo_fast.loss import TGOLoss, tgo_diffusion_loss, tgo_masked_loss
+from tgo_fast.loss import TGOLoss, tgo_diffusion_loss, tgo_fused_linear_masked_loss, tgo_masked_loss
 from tgo_fast.threshold import confidence_weights, percentile_threshold, pseudo_labels
 
 
@@ -129,3 +129,22 @@ def test_module_bad_configuration():
         TGOLoss(0.5, temperature=0)
     with pytest.raises(ValueError, match="threshold must be finite"):
         TGOLoss(math.nan)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_reference_values_are_rejected_on_every_path(impl, bad):
+    """A precomputed reference (ref_error, ref_logp) holding NaN/inf would make the loss NaN silently."""
+    pred, _, target, scores, tau = diffusion_args()
+    ref_error = torch.tensor([0.1, bad, 0.3])
+    with pytest.raises(ValueError, match=r"ref_error \(the precomputed reference errors\) must be finite.*\[1\]"):
+        tgo_diffusion_loss(pred, None, target, scores, tau, ref_error=ref_error, impl=impl)
+
+    logits, _, targets, scores, tau = masked_args()
+    ref_logp = torch.tensor([bad, -1.0])
+    with pytest.raises(ValueError, match=r"ref_logp \(the precomputed reference log-probs\) must be finite.*\[0\]"):
+        tgo_masked_loss(logits, None, targets, scores, tau, ref_logp=ref_logp, impl=impl)
+
+    hidden, weight = torch.randn(2, 5, 4), torch.randn(7, 4)
+    with pytest.raises(ValueError, match=r"ref_logp \(the precomputed reference log-probs\) must be finite.*\[0\]"):
+        tgo_fused_linear_masked_loss(hidden, weight, targets, scores, tau, ref_logp=ref_logp, impl=impl)

@@ -60,6 +60,7 @@ def _check_diffusion(model_pred, ref_pred, target, ref_error, temperature):
     else:
         V.check_float_tensor(ref_error, "ref_error")
         V.check_batch(ref_error, "ref_error", model_pred.shape[0])
+        V.check_finite_values(ref_error, "ref_error", "the precomputed reference errors")
     for name, other in (("target", target), ("ref_pred", ref_pred), ("ref_error", ref_error)):
         if other is not None and other.device != model_pred.device:
             raise ValueError(f"{name} is on {other.device} but model_pred is on {model_pred.device}: move it")
@@ -193,6 +194,7 @@ def tgo_masked_loss(
     else:
         V.check_float_tensor(ref_logp, "ref_logp")
         V.check_batch(ref_logp, "ref_logp", logits.shape[0])
+        V.check_finite_values(ref_logp, "ref_logp", "the precomputed reference log-probs")
     targets, counts = V.check_masked_targets(targets, logits.shape[:-1], ignore_index, logits.shape[-1])
     scores, threshold = V.check_common(scores, threshold, logits.shape[0], logits.device, beta=beta, c=c, reduction=reduction)
     if V.resolve_impl(impl, logits) == "triton":
