@@ -294,3 +294,23 @@ def test_backward_twice():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="schedule='two_pass'"):
         loss.backward()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8])
+def test_integer_targets_of_any_width(impl, dtype):
+    """Fused loss, its gradients and the reference log-probs are exactly those of int64 targets (uint8 cannot
+    hold −100: ignore_index 255 there)."""
+    hidden, weight, bias, targets, scores, ref_logp = make_inputs(3, 8, 16, 50)
+    ignore_index = 255 if dtype == torch.uint8 else IGNORE
+    targets = targets.masked_fill(targets == IGNORE, ignore_index)
+    results = []
+    for candidate in (targets, targets.to(dtype)):
+        loss = tgo_fused_linear_masked_loss(hidden, weight, candidate, scores, 0.0, bias=bias, ref_logp=ref_logp,
+                                            ignore_index=ignore_index, impl=impl)
+        grads = torch.autograd.grad(loss, (hidden, weight, bias))
+        with torch.no_grad():
+            logp = masked_token_logprob(hidden, weight, candidate, bias=bias, ignore_index=ignore_index, impl=impl)
+        results.append((loss, logp, *grads))
+    for expected, actual in zip(*results):
+        assert torch.equal(actual, expected)

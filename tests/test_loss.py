@@ -327,3 +327,37 @@ def test_kernels_and_shared_math_are_leaves():
     from tgo_fast import loss, threshold
 
     assert loss.tgo_objective is _math.tgo_objective and threshold.labels_of is _math.labels_of
+
+
+INTEGER_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
+
+
+def assert_same_as_int64_targets(logits, ref_logits, targets, scores, ignore_index, impl):
+    """Loss, policy log-probs and logits gradient with `targets` are exactly those with targets.long()."""
+    results = []
+    for candidate in (targets.long(), targets):
+        x = logits.clone().requires_grad_(True)
+        loss, stats = tgo_masked_loss(x, ref_logits, candidate, scores, 0.5, ignore_index=ignore_index, impl=impl,
+                                      return_stats=True)
+        loss.backward()
+        results.append((loss, stats["policy_logp"], x.grad))
+    for expected, actual in zip(*results):
+        assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+def test_masked_loss_takes_integer_targets_of_any_width(impl, dtype):
+    logits, ref_logits, targets, scores = masked_inputs()
+    ignore_index = 255 if dtype == torch.uint8 else -100  # uint8 cannot hold −100
+    targets = targets.masked_fill(targets == -100, ignore_index).to(dtype)
+    assert_same_as_int64_targets(logits, ref_logits, targets, scores, ignore_index, impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_uint8_token_156_is_not_ignore_index_minus_100(impl):
+    """−100 wraps to 156 in uint8: ids are compared with ignore_index in int64, so 156 stays a masked token."""
+    logits, ref_logits, _, scores = masked_inputs(vocab=200)
+    targets = torch.randint(150, 160, logits.shape[:-1], dtype=torch.uint8)
+    targets[:, 0] = 156
+    assert_same_as_int64_targets(logits, ref_logits, targets, scores, -100, impl)
