@@ -35,6 +35,7 @@ an empty head, or one gathered by hand while a gradient is needed, is a ValueErr
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,8 +51,8 @@ from tgo_fast._validation import (
 
 # Largest V block of one program; a row of V = 8256 codes takes one block of 16384 lanes.
 _MAX_BLOCK_V = 16384
-# Half-precision matmuls with an fp32 result (aten::mm.dtype) exist on CUDA in recent torch.
-_MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+# Half-precision matmuls with an fp32 result (aten::mm.dtype, aten::addmm.dtype_out) exist on CUDA in recent torch.
+_MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 def _half_operands(hidden: torch.Tensor) -> bool:
@@ -62,6 +63,28 @@ def _half_operands(hidden: torch.Tensor) -> bool:
 def _mm_half_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for half-precision operands, accumulated and returned in fp32 (CUDA)."""
     return torch.mm(a, b, out_dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _addmm_takes_fp32_self(device: torch.device) -> bool:
+    """Whether aten::addmm.dtype_out accepts an fp32 self with half operands (recent torch; earlier releases
+    want self in the operands' dtype)."""
+    out = torch.zeros(1, 1, device=device)
+    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+    try:
+        torch.addmm(out, one, one, out_dtype=torch.float32, out=out)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _addmm_half_fp32_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b for half-precision operands into an fp32 out (CUDA), in place where torch allows it: no
+    temporary of out's size (V×H for grad_W) per chunk."""
+    if _addmm_takes_fp32_self(out.device):
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        out += _mm_half_fp32_out(a, b)
 
 
 @triton.jit
@@ -275,8 +298,19 @@ class _MaskedRows:
     row_index: torch.Tensor  # (N,) int64, sample-major
     row_targets: torch.Tensor  # (N,) int64 in [0, V)
     row_sample: torch.Tensor  # (N,) int64
+    sample_len: int  # positions per sample: row r lies in sample r // sample_len
     counts: list[int]  # |M_i| per sample, on the host
     counts_tensor: torch.Tensor  # (B,) fp32 on the device
+
+    def sample_sums(self, row_values: torch.Tensor, rows: torch.Tensor, first: int = 0, end: int | None = None):
+        """Σ_{r∈M_i} row_values_r for samples first … end − 1, whose masked rows (flat indices) are `rows`.
+
+        Deterministic, on CUDA too: each row is written once into a dense (samples, sample_len) buffer that is
+        then summed along each sample in a fixed order (no atomics, unlike index_add_)."""
+        end = len(self.counts) if end is None else end
+        dense = row_values.new_zeros((end - first) * self.sample_len)
+        dense[rows - first * self.sample_len] = row_values
+        return dense.view(end - first, self.sample_len).sum(dim=1)
 
 
 def _validate(hidden, weight, bias, targets, ignore_index) -> tuple[torch.Tensor, _MaskedRows]:
@@ -306,11 +340,12 @@ def _masked_rows(targets: torch.Tensor, counts: torch.Tensor, ignore_index: int)
     """The masked-row layout of validated int64 targets (B, L...) with |M_i| = counts (B,)."""
     mask = (targets != ignore_index).reshape(-1)
     row_index = mask.nonzero().squeeze(1)
-    row_sample = row_index // (mask.numel() // targets.shape[0])
+    sample_len = mask.numel() // targets.shape[0]
     return _MaskedRows(
         row_index=row_index,
         row_targets=targets.reshape(-1)[row_index],
-        row_sample=row_sample,
+        row_sample=row_index // sample_len,
+        sample_len=sample_len,
         counts=counts.tolist(),
         counts_tensor=counts.float(),
     )
@@ -352,6 +387,14 @@ class _Head:
         a, b = a.to(self.dtype), b.to(self.dtype)
         return _mm_half_fp32_out(a, b) if self.dtype != torch.float32 else a @ b
 
+    def addmm_(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """out += a @ b into the fp32 accumulator out, in place."""
+        a, b = a.to(self.dtype), b.to(self.dtype)
+        if self.dtype == torch.float32:
+            out.addmm_(a, b)
+        else:
+            _addmm_half_fp32_out(out, a, b)
+
     def logits(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
         """(n, H) → (n, V) fp32 h·Wᵀ; the row step adds the bias as it reads them."""
         return self.mm(hidden_chunk, self.weight.t())
@@ -378,11 +421,7 @@ class _Grads:
             grad_chunk = head.mm(d_logits, head.weight).mul_(coef[:, None])
             self.hidden.index_copy_(0, rows, grad_chunk.to(self.hidden.dtype))
         if self.needs_weight:
-            scaled_hidden = hidden_chunk.float() * coef[:, None]
-            if head.dtype == torch.float32:
-                self.weight.addmm_(d_logits.t(), scaled_hidden)
-            else:
-                self.weight += head.mm(d_logits.t(), scaled_hidden)
+            head.addmm_(self.weight, d_logits.t(), hidden_chunk.float() * coef[:, None])
         if self.needs_bias:
             if d_logits.dtype == torch.float32:
                 self.bias += d_logits.t() @ coef
@@ -394,14 +433,14 @@ class _Grads:
 
 def _logprob_pass(hidden_rows, head: _Head, layout: _MaskedRows, row_step, chunk_rows) -> torch.Tensor:
     """Per-sample mean log-prob (B,) fp32 of the masked rows; no gradient work."""
-    sums = torch.zeros(len(layout.counts), dtype=torch.float32, device=hidden_rows.device)
+    row_logp = torch.empty(len(layout.row_index), dtype=torch.float32, device=hidden_rows.device)
     for start in range(0, len(layout.row_index), chunk_rows):
         rows = layout.row_index[start:start + chunk_rows]
         logits = head.logits(hidden_rows.index_select(0, rows))
         lse, target_logit = row_step(logits, layout.row_targets[start:start + chunk_rows], head.bias, None)
-        sums.index_add_(0, layout.row_sample[start:start + chunk_rows], target_logit - lse)
+        row_logp[start:start + chunk_rows] = target_logit - lse
         del logits  # free this chunk before the next one is allocated
-    return sums / layout.counts_tensor
+    return layout.sample_sums(row_logp, layout.row_index) / layout.counts_tensor
 
 
 def _grad_pass(hidden_rows, head: _Head, layout: _MaskedRows, row_step, chunk_rows, row_coef, grads: _Grads):
@@ -467,8 +506,7 @@ class LogitsTokenLogProbFunction(torch.autograd.Function):
     def forward(ctx, logits, layout: _MaskedRows, needs_grad: bool):
         rows = logits.reshape(-1, logits.shape[-1]).index_select(0, layout.row_index).float()
         lse, target_logit = _row_step_triton(rows, layout.row_targets, None, rows if needs_grad else None)
-        sums = torch.zeros(len(layout.counts), dtype=torch.float32, device=logits.device)
-        sums.index_add_(0, layout.row_sample, target_logit - lse)
+        sums = layout.sample_sums(target_logit - lse, layout.row_index)
         if needs_grad:
             ctx.save_for_backward(rows)
             ctx.layout, ctx.logits_shape, ctx.logits_dtype = layout, logits.shape, logits.dtype
@@ -526,14 +564,14 @@ class FusedLinearMaskedTGOFunction(torch.autograd.Function):
             d_logits = head.grad_buffer(logits)
             lse, target_logit = row_step(logits, layout.row_targets[row_start:row_end], head.bias, d_logits)
             del logits  # free the fp32 chunk (when D went to a half buffer) before the matmuls / next chunk
-            chunk_sample = layout.row_sample[row_start:row_end] - first
-            sums = torch.zeros(end - first, dtype=torch.float32, device=hidden.device)
-            policy_logp[first:end] = sums.index_add_(0, chunk_sample, target_logit - lse) / layout.counts_tensor[first:end]
+            sums = layout.sample_sums(target_logit - lse, rows, first, end)
+            policy_logp[first:end] = sums / layout.counts_tensor[first:end]
             implicit = beta * (policy_logp[first:end] - ref_logp[first:end])
             grad_implicit = _tgo_step(implicit, scores[first:end], threshold, c) * per_sample
             # ∂ℓ/∂logits_r = g_i·β/|M_i|·(onehot − softmax) = coef_r·D_r.
             sample_coef = -grad_implicit * beta / layout.counts_tensor[first:end]
-            grads.add_chunk(head, rows, hidden_chunk, d_logits, sample_coef[chunk_sample])
+            row_coef = sample_coef[layout.row_sample[row_start:row_end] - first]
+            grads.add_chunk(head, rows, hidden_chunk, d_logits, row_coef)
             del d_logits
 
         loss, labels, weights = tgo_objective(beta * (policy_logp - ref_logp), scores, threshold, c, reduction)

@@ -109,8 +109,19 @@ def test_half_precision_matmul_path(monkeypatch, impl, schedule, dtype):
     from a split coefficient), run on CPU with the fp32-result matmul emulated exactly by upcasting."""
     from tgo_fast.kernels import fused_linear_masked_loss as module
 
+    matmul_shapes = []
+
+    def mm_half_fp32_out(a, b):
+        matmul_shapes.append((a.shape[0], b.shape[1]))
+        return a.float() @ b.float()
+
+    def addmm_half_fp32_out(out, a, b):
+        assert out.dtype == torch.float32 and a.dtype == b.dtype == dtype
+        out.addmm_(a.float(), b.float())
+
     monkeypatch.setattr(module, "_half_operands", lambda hidden: True)
-    monkeypatch.setattr(module, "_mm_half_fp32_out", lambda a, b: (a.float() @ b.float()))
+    monkeypatch.setattr(module, "_mm_half_fp32_out", mm_half_fp32_out)
+    monkeypatch.setattr(module, "_addmm_half_fp32_out", addmm_half_fp32_out)
     seen_dtypes = []
     original_add_chunk = module._Grads.add_chunk
 
@@ -122,6 +133,7 @@ def test_half_precision_matmul_path(monkeypatch, impl, schedule, dtype):
     check_against_reference(make_inputs(3, 11, 29, 257, dtype=dtype), impl=impl, schedule=schedule,
                             chunk_rows=8, tolerance=1e-2)
     assert seen_dtypes and set(seen_dtypes) == {dtype}
+    assert (257, 29) not in matmul_shapes  # grad_W accumulates in place: no V×H product per chunk
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -314,3 +326,44 @@ def test_integer_targets_of_any_width(impl, dtype):
         results.append((loss, logp, *grads))
     for expected, actual in zip(*results):
         assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("schedule", ["single_pass", "two_pass"])
+def test_per_sample_sums_are_deterministic(monkeypatch, impl, schedule):
+    """No index_add_ (atomics, non-deterministic on CUDA) anywhere on the masked paths; repeated calls are
+    bitwise equal (chunks of 5 rows split samples and span several)."""
+    def no_index_add(*args, **kwargs):
+        raise AssertionError("index_add_ is not deterministic on CUDA")
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", no_index_add)
+    hidden, weight, bias, targets, scores, ref_logp = make_inputs(4, 9, 16, 50)
+    logits = (hidden @ weight.t() + bias).detach().requires_grad_()
+    runs = []
+    for _ in range(2):
+        loss, stats = fused_op(hidden, weight, targets, scores, 0.0, bias=bias, ref_logp=ref_logp, return_stats=True,
+                               use_triton=impl == "triton", schedule=schedule, chunk_rows=5)
+        grads = torch.autograd.grad(loss, (hidden, weight, bias))
+        with torch.no_grad():
+            logp = masked_token_logprob(hidden, weight, targets, bias=bias, impl=impl)
+        logits_loss = tgo_masked_loss(logits, None, targets, scores, 0.0, ref_logp=ref_logp, impl=impl)
+        (logits_grad,) = torch.autograd.grad(logits_loss, logits)
+        runs.append((loss, stats["policy_logp"], *grads, logp, logits_loss, logits_grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_sample_sums_equal_the_dense_masked_sum():
+    """The per-sample sum of the masked rows is the reference's dense (B, L) sum with zeros at unmasked positions,
+    bit for bit, for all samples or a range of them (a single-pass chunk)."""
+    from tgo_fast.kernels import fused_linear_masked_loss as module
+
+    _, _, _, targets, _, _ = make_inputs(5, 13, 8, 50)
+    counts = (targets != IGNORE).sum(1)
+    layout = module._masked_rows(targets, counts, IGNORE)
+    row_values = torch.randn(len(layout.row_index))
+    dense = torch.zeros(targets.numel()).index_put_((layout.row_index,), row_values).view(5, 13)
+    expected = torch.where(targets != IGNORE, dense, 0.0).sum(1)
+    assert torch.equal(layout.sample_sums(row_values, layout.row_index), expected)
+    in_range = (layout.row_sample >= 1) & (layout.row_sample < 4)
+    assert torch.equal(layout.sample_sums(row_values[in_range], layout.row_index[in_range], 1, 4), expected[1:4])
