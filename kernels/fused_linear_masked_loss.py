@@ -465,6 +465,32 @@ def _grads_for_inputs(grads: _Grads, hidden, weight, bias):
 
 
 # ----------------------------------------------------------------------------------------------
+# Autocast: the head's inputs in the autocast dtype, the op's own matmuls left alone
+# ----------------------------------------------------------------------------------------------
+
+def _autocast_inputs(hidden, weight, bias):
+    """Under torch.autocast, hidden/weight/bias in the autocast dtype, as the head's nn.Linear would take them
+    (differentiable casts: gradients reach the fp32 parameters); unchanged otherwise."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in (hidden, weight, bias))
+
+
+def _autocast_off(fn):
+    """fn with autocast off: the op picks its matmul dtypes itself (fp32, or half operands with fp32 results),
+    which autocast would recast to half. Liger's custom_fwd/custom_bwd, for forward and backward alike."""
+
+    @functools.wraps(fn)
+    def without_autocast(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return without_autocast
+
+
+# ----------------------------------------------------------------------------------------------
 # Autograd functions
 # ----------------------------------------------------------------------------------------------
 
@@ -475,6 +501,7 @@ class MaskedTokenLogProbFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, bias, layout: _MaskedRows, row_step, chunk_rows: int):
         head = _Head(hidden, _head_matrix(weight), bias)
         logp = _logprob_pass(hidden.flatten(0, -2), head, layout, row_step, chunk_rows)
@@ -483,6 +510,7 @@ class MaskedTokenLogProbFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_logp):
         hidden, weight, bias = ctx.saved_tensors
         layout = ctx.layout
@@ -548,6 +576,7 @@ class FusedLinearMaskedTGOFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, bias, ref_logp, scores, threshold, beta, c, reduction,
                 layout: _MaskedRows, row_step, chunk_rows: int):
         head = _Head(hidden, _head_matrix(weight), bias)
@@ -580,6 +609,7 @@ class FusedLinearMaskedTGOFunction(torch.autograd.Function):
         return loss, policy_logp, labels, weights
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_loss, *_):
         if ctx.grads is None:
             raise RuntimeError(
@@ -605,6 +635,7 @@ def masked_token_logprob(hidden, weight, targets, *, bias=None, ignore_index=-10
     ``torch.no_grad()`` it costs one matmul per masked row — the reference model's path.
     """
     head, layout = _validate(hidden, weight, bias, targets, ignore_index)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     chunk_rows = chunk_rows or _default_chunk_rows(len(layout.row_index), head.shape[1], head.shape[0])
     row_step = _row_step_triton if use_triton else _row_step_torch
     return MaskedTokenLogProbFunction.apply(hidden, weight, bias, layout, row_step, chunk_rows)
@@ -634,6 +665,7 @@ def fused_linear_masked_loss(hidden, weight, targets, scores, threshold, *, bias
     scores, threshold = check_common(scores, threshold, n_samples, hidden.device, beta=beta, c=c, reduction=reduction)
     ref_logp = ref_logp.detach().to(hidden.device, torch.float32)  # constants: no gradient into the reference
     scores = scores.to(torch.float32)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     chunk_rows = chunk_rows or _default_chunk_rows(len(layout.row_index), head.shape[1], head.shape[0])
     row_step = _row_step_triton if use_triton else _row_step_torch
 

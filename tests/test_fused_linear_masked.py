@@ -367,3 +367,27 @@ def test_sample_sums_equal_the_dense_masked_sum():
     assert torch.equal(layout.sample_sums(row_values, layout.row_index), expected)
     in_range = (layout.row_sample >= 1) & (layout.row_sample < 4)
     assert torch.equal(layout.sample_sums(row_values[in_range], layout.row_index[in_range], 1, 4), expected[1:4])
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("schedule", ["single_pass", "two_pass"])
+def test_autocast_equals_the_op_on_autocast_dtype_inputs(impl, schedule):
+    """Under torch.autocast(bf16) hidden/weight/bias take the autocast dtype, as the head's nn.Linear would, and
+    the op's own fp32 matmuls are not recast: loss, stats, reference log-probs and gradients (backward inside the
+    autocast region too) equal those of the op without autocast on the bf16-cast inputs."""
+    inputs = make_inputs(3, 9, 16, 50)
+    targets, scores, ref_logp = inputs[3:]
+    options = dict(ref_logp=ref_logp, use_triton=impl == "triton", schedule=schedule, return_stats=True)
+    runs = []
+    for autocast in (True, False):
+        params = [t.detach().clone() if autocast else t.detach().bfloat16() for t in (inputs[0], inputs[1], inputs[2])]
+        hidden, weight, bias = (t.requires_grad_() for t in params)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, stats = fused_op(hidden, weight, targets, scores, 0.0, bias=bias, **options)
+            with torch.no_grad():
+                logp = masked_token_logprob(hidden, weight, targets, bias=bias, impl=impl)
+            grads = torch.autograd.grad(loss, (hidden, weight, bias))
+        assert all(grad.dtype == param.dtype for grad, param in zip(grads, params))
+        runs.append((loss, *(stats[key] for key in STAT_KEYS), logp, *(grad.float() for grad in grads)))
+    for with_autocast, on_cast_inputs in zip(*runs):
+        assert torch.equal(with_autocast, on_cast_inputs)
