@@ -361,3 +361,23 @@ def test_uint8_token_156_is_not_ignore_index_minus_100(impl):
     targets = torch.randint(150, 160, logits.shape[:-1], dtype=torch.uint8)
     targets[:, 0] = 156
     assert_same_as_int64_targets(logits, ref_logits, targets, scores, -100, impl)
+
+
+@pytest.mark.parametrize("cast", [
+    lambda module: module.half(),
+    lambda module: module.to(torch.bfloat16),
+    lambda module: module.to("cpu", torch.float16),
+    lambda module: module.float(),
+])
+def test_tgo_loss_module_casts_keep_threshold_precision(cast):
+    """τ = 0.123456789 would round to 0.1234741 in fp16 (0.1235352 in bf16) and flip the label of s = 0.12346."""
+    tau = 0.123456789
+    module = TGOLoss(tau)
+    assert cast(module) is module
+    assert module.threshold.dtype == torch.float64 and float(module.threshold) == tau
+    pred, ref, target, _ = unsaturated_inputs(batch=3, dtype=torch.float16)
+    _, stats = module(pred, ref, target, torch.tensor([0.12346, 0.1234, tau]), return_stats=True)
+    assert stats["labels"].tolist() == [1.0, 0.0, 1.0]
+    restored = TGOLoss(0.0).half()
+    restored.load_state_dict(module.state_dict())
+    assert float(restored.threshold) == tau

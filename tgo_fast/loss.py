@@ -310,6 +310,14 @@ class TGOLoss(nn.Module):
         self.reduction, self.impl, self.ignore_index = reduction, impl, ignore_index
         self.register_buffer("threshold", torch.tensor(V.check_finite_number(threshold, "threshold"), dtype=torch.float64))
 
+    def _apply(self, fn, recurse=True):
+        """Module casts (``.half()``, ``.to(torch.bfloat16)``, DeepSpeed's bf16 engine) move τ but never round it:
+        τ decides the labels, and 0.123456789 in fp16 is 0.1234741, which flips every score in between."""
+        threshold = self.threshold
+        super()._apply(fn, recurse)
+        self.threshold = threshold.to(device=self.threshold.device)  # float64 kept
+        return self
+
     def set_threshold(self, threshold: float | torch.Tensor) -> None:
         """Replace τ (e.g. after re-estimating it on a fresh proxy set)."""
         self.threshold.fill_(V.check_finite_number(threshold, "threshold"))
