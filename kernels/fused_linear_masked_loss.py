@@ -407,9 +407,10 @@ class _Head:
 class _Grads:
     """The gradients asked for: hidden rows (each written once, in hidden's dtype), fp32 sums for W and b."""
 
-    def __init__(self, hidden_rows, head: _Head, needs: tuple[bool, bool, bool]):
+    def __init__(self, hidden, weight, bias, head: _Head, needs: tuple[bool, bool, bool]):
         self.needs_hidden, self.needs_weight, self.needs_bias = needs
-        self.hidden = torch.zeros_like(hidden_rows) if self.needs_hidden else None
+        self.input_layouts = [None if t is None else (t.shape, t.dtype) for t in (hidden, weight, bias)]
+        self.hidden = torch.zeros_like(hidden.flatten(0, -2)) if self.needs_hidden else None
         self.weight = torch.zeros_like(head.weight, dtype=torch.float32) if self.needs_weight else None
         self.bias = torch.zeros(head.weight.shape[0], device=head.weight.device) if self.needs_bias else None
 
@@ -430,6 +431,17 @@ class _Grads:
                 coef_low = (coef - coef_high.float()).to(d_logits.dtype)
                 self.bias += head.mm(torch.stack([coef_high, coef_low]), d_logits).sum(0)
 
+
+    def for_inputs(self, scale: torch.Tensor | None = None) -> list:
+        """The gradients shaped and typed like hidden / weight / bias (None where not needed), times `scale`
+        (a grad_output) in fp32 first: W and b are rounded to their dtype once."""
+        grads = []
+        for grad, layout in zip((self.hidden, self.weight, self.bias), self.input_layouts):
+            if grad is not None:
+                grad = grad if scale is None else grad.float() * scale.float()
+                grad = grad.reshape(layout[0]).to(layout[1])
+            grads.append(grad)
+        return grads
 
 def _logprob_pass(hidden_rows, head: _Head, layout: _MaskedRows, row_step, chunk_rows) -> torch.Tensor:
     """Per-sample mean log-prob (B,) fp32 of the masked rows; no gradient work."""
@@ -454,14 +466,6 @@ def _grad_pass(hidden_rows, head: _Head, layout: _MaskedRows, row_step, chunk_ro
         del logits  # free the fp32 chunk (when D went to a half buffer) before the matmuls / next chunk
         grads.add_chunk(head, rows, hidden_chunk, d_logits, row_coef[start:start + chunk_rows])
         del d_logits
-
-
-def _grads_for_inputs(grads: _Grads, hidden, weight, bias):
-    """Accumulators → gradients shaped and typed like hidden / weight / bias (None where not needed)."""
-    return [
-        None if grad is None else grad.reshape(like.shape).to(like.dtype)
-        for grad, like in ((grads.hidden, hidden), (grads.weight, weight), (grads.bias, bias))
-    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,9 +521,9 @@ class MaskedTokenLogProbFunction(torch.autograd.Function):
         # ∂logp_i/∂logits_r = (onehot − softmax)/|M_i| = −D_r/|M_i|.
         row_coef = -(grad_logp.float() / layout.counts_tensor)[layout.row_sample]
         head = _Head(hidden, _head_matrix(weight), bias)
-        grads = _Grads(hidden.flatten(0, -2), head, ctx.needs_input_grad[:3])
+        grads = _Grads(hidden, weight, bias, head, ctx.needs_input_grad[:3])
         _grad_pass(hidden.flatten(0, -2), head, layout, ctx.row_step, ctx.chunk_rows, row_coef, grads)
-        return (*_grads_for_inputs(grads, hidden, weight, bias), None, None, None)
+        return (*grads.for_inputs(), None, None, None)
 
 
 class LogitsTokenLogProbFunction(torch.autograd.Function):
@@ -581,7 +585,7 @@ class FusedLinearMaskedTGOFunction(torch.autograd.Function):
                 layout: _MaskedRows, row_step, chunk_rows: int):
         head = _Head(hidden, _head_matrix(weight), bias)
         hidden_rows = hidden.flatten(0, -2)
-        grads = _Grads(hidden_rows, head, ctx.needs_input_grad[:3])
+        grads = _Grads(hidden, weight, bias, head, ctx.needs_input_grad[:3])
         n_samples = len(layout.counts)
         per_sample = 1.0 / n_samples if reduction == "mean" else 1.0
         policy_logp = torch.empty(n_samples, dtype=torch.float32, device=hidden.device)
@@ -604,7 +608,7 @@ class FusedLinearMaskedTGOFunction(torch.autograd.Function):
             del d_logits
 
         loss, labels, weights = tgo_objective(beta * (policy_logp - ref_logp), scores, threshold, c, reduction)
-        ctx.grads = _grads_for_inputs(grads, hidden, weight, bias)
+        ctx.grads = grads
         ctx.mark_non_differentiable(policy_logp, labels, weights)
         return loss, policy_logp, labels, weights
 
@@ -617,9 +621,8 @@ class FusedLinearMaskedTGOFunction(torch.autograd.Function):
                 "forward and handed out once; use schedule='two_pass' to backpropagate more than once"
             )
         grads, ctx.grads = ctx.grads, None  # handed over, not copied (autograd may take the buffers)
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
-        return (*grads, *([None] * 9))
+        scale = None if torch.equal(grad_loss, torch.ones_like(grad_loss)) else grad_loss
+        return (*grads.for_inputs(scale), *([None] * 9))
 
 
 # ----------------------------------------------------------------------------------------------
