@@ -246,6 +246,7 @@ def call_as_forward(module: torch.nn.Module, fn, *args):
 
 
 def _uses_triton(impl: str, hidden) -> bool:
+    """impl ("auto" | "torch" | "triton") resolved for hidden's device, as tgo_fast.loss resolves it."""
     check_float_tensor(hidden, "hidden")
     return resolve_impl(impl, hidden) == "triton"
 
@@ -431,7 +432,6 @@ class _Grads:
                 coef_low = (coef - coef_high.float()).to(d_logits.dtype)
                 self.bias += head.mm(torch.stack([coef_high, coef_low]), d_logits).sum(0)
 
-
     def for_inputs(self, scale: torch.Tensor | None = None) -> list:
         """The gradients shaped and typed like hidden / weight / bias (None where not needed), times `scale`
         (a grad_output) in fp32 first: W and b are rounded to their dtype once."""
@@ -442,6 +442,7 @@ class _Grads:
                 grad = grad.reshape(layout[0]).to(layout[1])
             grads.append(grad)
         return grads
+
 
 def _logprob_pass(hidden_rows, head: _Head, layout: _MaskedRows, row_step, chunk_rows) -> torch.Tensor:
     """Per-sample mean log-prob (B,) fp32 of the masked rows; no gradient work."""
