@@ -27,9 +27,10 @@ test: $(STAMP)
 
 # The main job: Algorithm 1 on the shipped tiny pretrained diffusion base (tgo_fast/bases/sd15), 2 CPU ranks:
 # π_ref samples for the training prompts → built-in reward → τ + TGO under ZeRO-3 → base vs policy on held-out
-# prompts. Every step resumes when rerun; the sampling settings below are those of the run config's validation.
-SAMPLING_sd15   := --guidance_scale 4 --num_inference_steps 20
-SAMPLING_amused := --guidance_scale 4 --num_inference_steps 12
+# prompts. Every step resumes when rerun; the sampling settings below are those of the run config's validation:
+# guidance 1 = samples of π_ref itself (no classifier-free guidance), see the README's main-job section.
+SAMPLING_sd15   := --guidance_scale 1 --num_inference_steps 20
+SAMPLING_amused := --guidance_scale 1 --num_inference_steps 12
 define ALGORITHM_1  # $(1) family, $(2) run config, $(3) run directory
 	$(PY) scripts/generate.py --model $(1) --pretrained builtin --prompts builtin:train --num_prompts 512 \
 	    --images_per_prompt 4 $(SAMPLING_$(1)) --batch_size 64 --out $(3)/proxy

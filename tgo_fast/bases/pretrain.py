@@ -45,6 +45,14 @@ __all__ = ["PretrainConfig", "build_untrained_base", "evaluate_base", "pretrain_
 RESOLUTION = 64
 
 
+# The backbone budget per family: the UVit2D sees 16×16 = 256 tokens per image against the UNet's 8×8 latents,
+# so its steps cost ~4× more on a CPU; it gets smaller batches and fewer steps to stay within ~30 minutes.
+FAMILY_DEFAULTS = {
+    "sd15": {"backbone_steps": 3000, "backbone_batch_size": 64, "eval_inference_steps": 20},
+    "amused": {"backbone_steps": 2000, "backbone_batch_size": 32, "eval_inference_steps": 12},
+}
+
+
 @dataclasses.dataclass
 class PretrainConfig:
     """Every knob of :func:`pretrain_base`; the defaults are the shipped bases' recipe."""
@@ -58,18 +66,21 @@ class PretrainConfig:
     autoencoder_batch_size: int = 32
     autoencoder_learning_rate: float = 1e-3
     kl_weight: float = 1e-6                 # AutoencoderKL only
-    backbone_steps: int = 3000
-    backbone_batch_size: int = 64
+    backbone_steps: int | None = None       # None: the family's (FAMILY_DEFAULTS)
+    backbone_batch_size: int | None = None
     backbone_learning_rate: float = 5e-4
     warmup_steps: int = 100
     ema_decay: float = 0.999
     empty_prompt_fraction: float = 0.1
     eval_prompts: int = 128
-    eval_inference_steps: int = 20
+    eval_inference_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.family not in BASE_FAMILIES:
             raise ValueError(f"family: expected one of {list(BASE_FAMILIES)}, got {self.family!r}")
+        for name, value in FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("num_images", "autoencoder_steps", "autoencoder_batch_size", "backbone_steps",
                      "backbone_batch_size", "eval_prompts", "eval_inference_steps"):
             value = getattr(self, name)
