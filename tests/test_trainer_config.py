@@ -1,5 +1,6 @@
 """Trainer pieces that need no DeepSpeed engine: run config, DeepSpeed-config merge, data order, per-sample
 seeds, encoding cache, objectives, metrics and plots."""
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,9 +23,23 @@ CONFIGS = ROOT / "configs"
 
 
 # ------------------------------------------------------------------------------------- run config
-def test_tiny_yaml_is_the_embedded_default():
-    assert load_config(CONFIGS / "tiny.yaml") == TrainConfig()
-    assert set(yaml.safe_load((CONFIGS / "tiny.yaml").read_text())) == set(FIELD_NAMES)  # it lists every key
+MAIN_JOB_KEYS = {"pretrained", "resolution", "data", "max_steps", "train_batch_size", "learning_rate", "lr_warmup_steps",
+                 "beta", "reward", "eval_interval", "validation_prompts", "validation_images_per_prompt",
+                 "validation_inference_steps", "validation_guidance_scale"}
+
+
+def test_tiny_yamls_list_every_key_and_differ_from_the_defaults_only_in_the_main_job():
+    """tiny.yaml lists every key; it departs from the defaults (the fast tests' random-init model on the built-in
+    scored set) only where the main job does; tiny_masked.yaml is the same job for the masked base."""
+    tiny = load_config(CONFIGS / "tiny.yaml")
+    assert set(yaml.safe_load((CONFIGS / "tiny.yaml").read_text())) == set(FIELD_NAMES)
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(tiny, f.name) != getattr(TrainConfig(), f.name)}
+    assert changed == MAIN_JOB_KEYS
+    assert tiny.pretrained == "builtin" and tiny.data == "runs/tiny/proxy/scored.jsonl" and tiny.reward == "builtin"
+    masked = load_config(CONFIGS / "tiny_masked.yaml")
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(masked, f.name) != getattr(tiny, f.name)}
+    assert changed == {"model", "data", "output_dir", "validation_inference_steps"}
+    assert masked.data.startswith(masked.output_dir + "/")
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux", "amused", "meissonic"])

@@ -32,7 +32,7 @@ def _launch(run_dir: Path, cache_dir: Path, log_path: Path, *extra: str) -> subp
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     command = [
         str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "scripts/train.py",
-        "--ds_config", "configs/zero3_cpu.json", "--config", "configs/tiny.yaml",
+        "--ds_config", "configs/zero3_cpu.json",  # no --config: the defaults are the tiny random-init sd15 on builtin data
         "--output_dir", str(run_dir), "--cache_dir", str(cache_dir), "--builtin_num_samples", "32",
         "--max_steps", "10", "--save_interval", "2", "--checkpoints_total_limit", "2",
         "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "3e-4",
@@ -76,8 +76,12 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(tmp_path):
 
     resumed = _launch(run_dir, tmp_path / "cache", log_path, "--resume_from", "latest")
     assert resumed.wait(timeout=300) == 0, log_path.read_text()[-4000:]
-    rows = _rows(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, 11))  # the killed run's extra rows were replaced
+    logged = _rows(run_dir)
+    # step 0 is the base's validation reward; the killed run's extra rows were replaced
+    assert logged[0]["step"] == 0 and set(logged[0]) == {"step", "validation_reward"}
+    rows = logged[1:]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["step"] for r in rows if "validation_reward" in r] == [4, 8, 10]  # eval_interval 4 and the end
     overlap = [r for r in killed_rows if r["step"] > resumed_from]
     assert overlap, "the killed run logged nothing after its last checkpoint"
     for before in overlap:

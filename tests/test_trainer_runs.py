@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -32,7 +33,7 @@ def make_config(tmp_path, cache_dir, **overrides) -> TrainConfig:
     model = overrides.get("model", "sd15")
     values = dict(
         output_dir=str(tmp_path / "run"), cache_dir=str(cache_dir), builtin_num_samples=16, train_batch_size=4,
-        max_steps=1, resolution=RESOLUTION[model], validation_prompts=["a red circle"], validation_inference_steps=1,
+        max_steps=1, resolution=RESOLUTION[model], validation_prompts=VALIDATION_PROMPTS[:1], validation_inference_steps=1,
         tensorboard=False, plots=False, seed=int(torch.randint(0, 1000, ()).item()),
     )
     values.update(overrides)
@@ -266,3 +267,40 @@ def test_streamed_data_fills_the_cache_like_the_map_style_set(tmp_path, cache_di
     torch.testing.assert_close(stream_loss, map_loss, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="streaming=true needs cache_encodings=true"):
         make_config(tmp_path, cache_dir, data=str(data), streaming=True, cache_encodings=False)
+
+
+# ---------------------------------------------------------------------------------------------- Algorithm 1
+def test_algorithm_1_generate_score_train_evaluate(tmp_path, cache_dir):
+    """The main job's chain on a small budget: π_ref samples for training prompts → built-in scores → τ + TGO
+    (ZeRO-3, a world of one) on that scored file → base vs policy on held-out prompts; the summary is recomputed
+    here from samples.jsonl by hand (means, medians, std, win rate with ties ½)."""
+    from tgo_fast.pipeline import ModelSource, evaluate, generate, load_prompts, score, trained_run
+    from tgo_fast.pipeline.prompts import builtin_prompts
+    from tgo_fast.pipeline.shards import read_jsonl
+
+    sd15, steps, prompts = ModelSource("sd15", None, resolution=32), 2, builtin_prompts("heldout")[:2]
+    train_prompts = load_prompts("builtin:train", num_prompts=4)
+    generate(sd15, train_prompts, tmp_path / "proxy", images_per_prompt=2, num_inference_steps=steps)
+    scored = score(tmp_path / "proxy" / "manifest.jsonl", "builtin", tmp_path / "proxy" / "scored.jsonl")
+    cfg = make_config(tmp_path, cache_dir, data=str(tmp_path / "proxy" / "scored.jsonl"), max_steps=2,
+                      learning_rate=1e-3, reward="builtin", validation_inference_steps=steps, seed=0)
+    rows = build(cfg).train()
+    threshold = json.loads((tmp_path / "run" / "threshold.json").read_text())
+    assert threshold["tau"] == pytest.approx(float(np.median([r["score"] for r in scored])))
+    assert threshold["n"] == 8 and len(rows) == 2 and "validation_reward" in rows[-1]
+
+    summary = evaluate(trained_run(tmp_path / "run"), prompts, tmp_path / "eval", images_per_prompt=2,
+                       num_inference_steps=steps, rewards=["builtin"])
+    samples = read_jsonl(tmp_path / "eval" / "samples.jsonl")
+    pairs = {}
+    for sample in samples:
+        pairs.setdefault((sample["prompt"], sample["seed"]), {})[sample["model"]] = sample["rewards"]["builtin"]
+    base = np.array([p["base"] for p in pairs.values()])
+    policy = np.array([p["policy"] for p in pairs.values()])
+    entry = summary["rewards"]["builtin"]
+    assert summary["n"] == len(pairs) == 4
+    for name, values in (("base", base), ("policy", policy)):
+        assert entry[name] == {"mean": pytest.approx(values.mean()), "median": pytest.approx(np.median(values)),
+                               "std": pytest.approx(values.std())}
+    assert entry["win_rate"] == pytest.approx(np.mean((policy > base) + 0.5 * (policy == base)))
+    assert not np.array_equal(base, policy)  # the trained policy draws other images than its base
