@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as V
-from ._math import compute_dtype, sign_agreement, tgo_objective, tgo_stats
+from ._math import compute_dtype, tgo_objective, tgo_stats
 
 __all__ = [
     "tgo_diffusion_loss",

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..kernels.fused_linear_masked_loss import fused_head_loss, head_token_logprob
-from ..loss import diffusion_implicit_score, sign_agreement, tgo_diffusion_loss
+from .._math import sign_agreement
+from ..loss import diffusion_implicit_score, tgo_diffusion_loss
 from ..threshold import confidence_weights, pseudo_labels
 from . import distributed as D
 from .config import TrainConfig

@@ -139,8 +139,10 @@ class Trainer:
         from ..models import build_adapter
 
         cfg = self.cfg
-        if cfg.pretrained is not None and cfg.pretrained != "builtin":
-            _check_pretrained(cfg.model, cfg.pretrained)
+        if cfg.pretrained is not None:  # "builtin" resolves to the shipped base folder (a clear error if absent)
+            from ..bases import resolve_pretrained
+
+            _check_pretrained(cfg.model, resolve_pretrained(cfg.model, cfg.pretrained))
         dtype = _DTYPES[self.precision]
         try:
             # Frozen parts on this rank's device; the backbone is moved and sharded by DeepSpeed.
@@ -182,8 +184,9 @@ class Trainer:
         identity = {"model": self.cfg.model, "pretrained": self.cfg.pretrained, "resolution": self.adapter.resolution,
                     "tiny_seed": self.cfg.seed if self.cfg.pretrained is None else None, "dtype": self.precision,
                     "class": type(self.adapter).__qualname__}
-        if self.cfg.pretrained == "builtin":  # a retrained shipped base must not reuse stale encodings
-            from ..bases import base_fingerprint
+        from ..bases import BUILTIN, base_fingerprint
+
+        if self.cfg.pretrained == BUILTIN:  # a retrained shipped base must not reuse stale encodings
 
             identity["base"] = base_fingerprint(self.cfg.model)
         return identity
@@ -574,23 +577,22 @@ class Trainer:
         from ..rewards import score_images
 
         cfg = self.cfg
-        prompts = list(cfg.validation_prompts)
         rows = cfg.validation_images_per_prompt
+        prompts = list(cfg.validation_prompts) * rows  # row r of the grid: every prompt once
         with self._generating():
-            images = self.adapter.generate(self.engine.module, prompts * rows,
-                                           seeds=[cfg.seed + i for i in range(len(prompts) * rows)],
+            images = self.adapter.generate(self.engine.module, prompts, seeds=[cfg.seed + i for i in range(len(prompts))],
                                            num_inference_steps=cfg.validation_inference_steps,
                                            guidance_scale=cfg.validation_guidance_scale)
         if not D.is_main():
             return {}
-        grid = make_image_grid(images, rows=rows, cols=len(prompts))
+        grid = make_image_grid(images, rows=rows, cols=len(cfg.validation_prompts))
         path = self.run_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(exist_ok=True)
         grid.save(path)
         self.metrics.add_image("validation", grid, step)
         if self.reward is None:
             return {}
-        return {"validation_reward": float(score_images(self.reward, images, prompts * rows).mean())}
+        return {"validation_reward": float(score_images(self.reward, images, prompts).mean())}
 
     def _state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full policy state dict on rank 0 (gathered from the ZeRO-3 shards), None elsewhere."""
