@@ -1,5 +1,9 @@
 """LoRA export in the format diffusers loads: ``pipeline.load_lora_weights(dir)`` for the families whose
-pipeline has a LoRA loader (SD1.5, SDXL, FLUX), ``backbone.load_lora_adapter(dir, prefix=...)`` for all."""
+pipeline has a LoRA loader (SD1.5, SDXL, FLUX), ``backbone.load_lora_adapter(dir, prefix=...)`` for all.
+
+The safetensors header carries the adapter metadata (r, lora_alpha, target_modules) under diffusers'
+``lora_adapter_metadata`` key, so both loaders rebuild the trained scaling alpha / r (without it diffusers
+assumes alpha = r)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +14,11 @@ import torch
 __all__ = ["save_lora", "LORA_WEIGHT_NAME"]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-# family → (pipeline class name, keyword of its save_lora_weights, key prefix)
+# family → (pipeline class name, the backbone's component name = save_lora_weights keyword and key prefix)
 _PIPELINE_LORA = {
-    "sd15": ("StableDiffusionPipeline", "unet_lora_layers", "unet"),
-    "sdxl": ("StableDiffusionXLPipeline", "unet_lora_layers", "unet"),
-    "flux": ("FluxPipeline", "transformer_lora_layers", "transformer"),
+    "sd15": ("StableDiffusionPipeline", "unet"),
+    "sdxl": ("StableDiffusionXLPipeline", "unet"),
+    "flux": ("FluxPipeline", "transformer"),
 }
 
 
@@ -34,13 +38,18 @@ def save_lora(adapter, backbone: torch.nn.Module, state_dict: dict[str, torch.Te
     if adapter.name in _PIPELINE_LORA:
         import diffusers
 
-        pipeline_name, keyword, _ = _PIPELINE_LORA[adapter.name]
-        getattr(diffusers, pipeline_name).save_lora_weights(output_dir, **{keyword: lora_state},
-                                                            weight_name=LORA_WEIGHT_NAME)
+        pipeline_name, component = _PIPELINE_LORA[adapter.name]
+        getattr(diffusers, pipeline_name).save_lora_weights(
+            output_dir, weight_name=LORA_WEIGHT_NAME,
+            **{f"{component}_lora_layers": lora_state, f"{component}_lora_adapter_metadata": metadata})
     else:
+        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
         from safetensors.torch import save_file
 
-        prefix = "transformer"
-        save_file({f"{prefix}.{k}": v for k, v in lora_state.items()}, str(output_dir / LORA_WEIGHT_NAME))
+        prefix = "transformer"  # diffusers' pipelines prefix each component's keys and metadata the same way
+        header = {"format": "pt",
+                  LORA_ADAPTER_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in metadata.items()})}
+        save_file({f"{prefix}.{k}": v for k, v in lora_state.items()}, str(output_dir / LORA_WEIGHT_NAME),
+                  metadata=header)
     (output_dir / "lora_config.json").write_text(json.dumps(metadata, indent=2) + "\n")
     return output_dir
