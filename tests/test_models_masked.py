@@ -379,7 +379,7 @@ def test_meissonic_state_dict_matches_the_released_layout():
 
 
 def test_meissonic_published_config_builds_the_published_layout():
-    published = {  # MeissonicAI/Meissonic transformer/config.json
+    published = {  # MeissonFlow/Meissonic transformer/config.json
         "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "codebook_size": 8192, "downsample": True,
         "guidance_embeds": False, "in_channels": 64, "joint_attention_dim": 1024, "num_attention_heads": 8,
         "num_layers": 14, "num_single_layers": 28, "patch_size": 1, "pooled_projection_dim": 1024,
@@ -408,3 +408,17 @@ def test_meissonic_config_errors(override, match):
 def test_meissonic_image_ids_are_row_major_grid_positions():
     ids = meissonic_image_ids(2, 3)
     assert torch.equal(ids, torch.tensor([[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 1, 2]], dtype=torch.float32))
+
+
+def test_one_meissonic_hub_id_across_code_docs_and_config():
+    """The released checkpoint is ``MeissonFlow/Meissonic`` on the hub; code, docs and the run config name it alike."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    files = [*root.glob("tgo_fast/**/*.py"), *root.glob("docs/**/*.md"), *root.glob("configs/*.yaml"), root / "README.md"]
+    ids = {match for path in files for match in re.findall(r"[\w.-]+/Meissonic\b", path.read_text())}
+    assert ids == {"MeissonFlow/Meissonic"}
+    assert yaml.safe_load((root / "configs" / "meissonic.yaml").read_text())["pretrained"] == "MeissonFlow/Meissonic"

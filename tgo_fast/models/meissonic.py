@@ -1,7 +1,7 @@
 """Meissonic (Bai et al. 2024): its released masked-token transformer and the TGO adapter.
 
 :class:`MeissonicTransformer2DModel` is written from the public config of the ``transformer`` subfolder
-of ``MeissonicAI/Meissonic`` with diffusers building blocks, so the released checkpoint loads with
+of ``MeissonFlow/Meissonic`` with diffusers building blocks, so the released checkpoint loads with
 ``from_pretrained`` unchanged (same parameter names and shapes, no key remapping):
 
     embed (UVit2DConvEmbed: token embedding → RMSNorm → 1×1 conv)  ──► down_block (2×2 conv + RMSNorm, optional)
@@ -383,7 +383,7 @@ class MeissonicPipeline(DiffusionPipeline):
 
 
 class MeissonicAdapter(MaskedTokenAdapter):
-    """Meissonic (``MeissonicAI/Meissonic``): :class:`MeissonicTransformer2DModel` on aMUSEd-style VQ tokens,
+    """Meissonic (``MeissonFlow/Meissonic``): :class:`MeissonicTransformer2DModel` on aMUSEd-style VQ tokens,
     a CLIP-H text encoder, timestep = mask ratio × 1000 (the released training script)."""
 
     name: ClassVar[str] = "meissonic"
