@@ -6,7 +6,7 @@ import copy
 import PIL.Image
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
 
 from tgo_fast.models import ADAPTERS, ModelAdapter, build_adapter
 from tgo_fast.models.base import sample_generators
@@ -215,6 +215,25 @@ def test_from_pretrained_loads_a_saved_pipeline(adapter, tmp_path):
     seeds = random_seeds(2)
     for key, value in adapter.sample_inputs(encoded, seeds).items():
         torch.testing.assert_close(loaded.sample_inputs(encoded, seeds)[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frozen_parts_keep_the_precision_diffusers_keeps(family, tmp_path):
+    """In bf16 everything takes the training dtype but SDXL's VAE (force_upcast), which stays fp32 with the
+    checkpoint's exact weights; encoding and generation run across the mixed dtypes."""
+    build_adapter(family, None).build_pipeline().save_pretrained(tmp_path)  # an fp32 checkpoint
+    adapter = build_adapter(family, str(tmp_path), dtype=torch.bfloat16)
+    keeps_fp32 = family == "sdxl"
+    assert adapter.vae.config.force_upcast
+    assert adapter.vae.dtype == (torch.float32 if keeps_fp32 else torch.bfloat16)
+    text_encoders = [adapter.text_encoder] + ([adapter.text_encoder_2] if family != "sd15" else [])
+    assert {module.dtype for module in [adapter.backbone, *text_encoders]} == {torch.bfloat16}
+    if keeps_fp32:
+        saved = AutoencoderKL.from_pretrained(tmp_path / "vae")
+        assert_same_state(adapter.vae, saved)
+    pixel_values, prompts = random_batch(adapter, 2)
+    assert adapter.encode(pixel_values, prompts)["latents"].dtype == torch.float32
+    assert len(adapter.generate(adapter.backbone, prompts, seed=0, num_inference_steps=1)) == 2
 
 
 def test_missing_pretrained_model_is_a_clear_error(tmp_path):

@@ -90,6 +90,7 @@ class _UNetAdapter(ModelAdapter):
 
     kind: ClassVar[str] = "diffusion"
     lora_target_modules: ClassVar[list[str]] = UNET_LORA_TARGETS
+    vae_keeps_fp32: ClassVar[bool] = False  # see _frozen_dtype
 
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler
@@ -126,10 +127,9 @@ class _UNetAdapter(ModelAdapter):
         self.resolution = resolve_resolution(
             resolution, self.backbone.config.sample_size * self.vae_scale_factor, self.vae_scale_factor * down_factor
         )
-        for module in [*self._frozen_modules(), self.backbone]:
-            place(module, self.device, dtype)
+        place(self.backbone, self.device, dtype)
         for module in self._frozen_modules():
-            freeze(module)
+            freeze(place(module, self.device, self._frozen_dtype(module, dtype)))
 
     # --- construction -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -144,8 +144,16 @@ class _UNetAdapter(ModelAdapter):
     def _frozen_modules(self) -> list[nn.Module]:
         """The VAE and text encoders."""
 
+    def _frozen_dtype(self, module: nn.Module, dtype: torch.dtype) -> torch.dtype:
+        """The training dtype, except for a VAE that diffusers keeps in fp32: SDXL's, when its config says
+        ``force_upcast`` (it overflows in half precision; StableDiffusionXLPipeline, train_text_to_image_sdxl.py)."""
+        if module is self.vae and self.vae_keeps_fp32 and self.vae.config.force_upcast:
+            return torch.float32
+        return dtype
+
     def _load_unet_vae_scheduler(self, pretrained: str, *, dtype, revision, variant) -> None:
-        self.vae = load_component(AutoencoderKL, pretrained, "vae", dtype=dtype, revision=revision, variant=variant)
+        # The VAE loads in its stored precision; __init__ casts it (or keeps it in fp32, vae_keeps_fp32).
+        self.vae = load_component(AutoencoderKL, pretrained, "vae", revision=revision, variant=variant)
         self.backbone = load_component(
             UNet2DConditionModel, pretrained, "unet", dtype=dtype, revision=revision, variant=variant
         )
@@ -289,6 +297,7 @@ class SDXLAdapter(_UNetAdapter):
 
     name: ClassVar[str] = "sdxl"
     validation_guidance_scale = 5.0
+    vae_keeps_fp32 = True
 
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
@@ -357,6 +366,14 @@ class SDXLAdapter(_UNetAdapter):
             "time_ids": encoded["add_time_ids"].to(dtype),
         }
         return {"encoder_hidden_states": encoded["prompt_embeds"].to(dtype), "added_cond_kwargs": added_cond_kwargs}
+
+    def _run_pipeline(self, pipeline, prompts: list[str], seeds: list[int], **call_kwargs) -> list:
+        """The pipeline's latents, decoded in the VAE's own precision: StableDiffusionXLPipeline hands an fp32 VAE
+        latents in the UNet's dtype (it only upcasts an fp16 VAE itself)."""
+        output_type = call_kwargs.pop("output_type")
+        latents = super()._run_pipeline(pipeline, prompts, seeds, output_type="latent", **call_kwargs)
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        return pipeline.image_processor.postprocess(images, output_type=output_type)
 
     def build_pipeline(self, model: nn.Module | None = None) -> StableDiffusionXLPipeline:
         return StableDiffusionXLPipeline(

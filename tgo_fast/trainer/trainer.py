@@ -29,7 +29,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..models.base import unwrap_model
+from ..models.base import model_dtype, unwrap_model
 from ..threshold import ThresholdEstimate, estimate_threshold
 from . import distributed as D
 from .batches import EncodedDataset, EncodingCache, StepSchedule, collate_encoded, encoding_cache_key, sample_seeds
@@ -184,6 +184,10 @@ class Trainer:
         identity = {"model": self.cfg.model, "pretrained": self.cfg.pretrained, "resolution": self.adapter.resolution,
                     "tiny_seed": self.cfg.seed if self.cfg.pretrained is None else None, "dtype": self.precision,
                     "class": type(self.adapter).__qualname__}
+        kept = {name: str(model_dtype(module)) for name, module in self._frozen_modules().items()
+                if model_dtype(module) != _DTYPES[self.precision]}
+        if kept:  # a frozen part in its own precision (SDXL's fp32 VAE) encodes differently
+            identity["frozen_dtypes"] = kept
         from ..bases import BUILTIN, base_fingerprint
 
         if self.cfg.pretrained == BUILTIN:  # a retrained shipped base must not reuse stale encodings
@@ -261,14 +265,14 @@ class Trainer:
         digest.update(self.scores.numpy().tobytes())
         return "stream-" + digest.hexdigest()
 
-    def _frozen_modules(self) -> list[torch.nn.Module]:
+    def _frozen_modules(self) -> dict[str, torch.nn.Module]:
         """The adapter's frozen parts (VAE / VQ model, text encoders): every module attribute but the backbone."""
-        return [m for name, m in vars(self.adapter).items() if isinstance(m, torch.nn.Module) and name != "backbone"]
+        return {name: m for name, m in vars(self.adapter).items() if isinstance(m, torch.nn.Module) and name != "backbone"}
 
     def _move_frozen(self, device: torch.device) -> None:
         """With cached encodings the frozen encoders only serve validation: on GPUs they wait in host memory."""
         if self.device.type == "cuda":
-            for module in self._frozen_modules():
+            for module in self._frozen_modules().values():
                 module.to(device)
 
     def _build_engines(self) -> None:
