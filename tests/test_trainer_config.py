@@ -12,8 +12,8 @@ import yaml
 
 from tgo_fast.loss import tgo_diffusion_loss
 from tgo_fast.trainer.batches import EncodingCache, StepSchedule, encoding_cache_key, sample_seeds
-from tgo_fast.trainer.config import (FIELD_NAMES, TrainConfig, batch_layout, load_config, merge_deepspeed_config,
-                                     parse_args, reference_deepspeed_config)
+from tgo_fast.trainer.config import (FIELD_NAMES, MODEL_OPTIONS, TrainConfig, batch_layout, load_config,
+                                     merge_deepspeed_config, parse_args, reference_deepspeed_config)
 from tgo_fast.trainer.objectives import diffusion_objective, kto_loss, masked_objective
 from tgo_fast.trainer.tracking import MetricsWriter, plot_score_histogram, plot_training_curves, read_metrics
 from tgo_fast.trainer.trainer import precompute_layout
@@ -29,10 +29,11 @@ MAIN_JOB_KEYS = {"pretrained", "resolution", "data", "max_steps", "train_batch_s
 
 
 def test_tiny_yamls_list_every_key_and_differ_from_the_defaults_only_in_the_main_job():
-    """tiny.yaml lists every key; it departs from the defaults (the fast tests' random-init model on the built-in
-    scored set) only where the main job does; tiny_masked.yaml is the same job for the masked base."""
+    """tiny.yaml lists every key (the family options, null there, may be left out); it departs from the defaults
+    (the fast tests' random-init model on the built-in scored set) only where the main job does; tiny_masked.yaml
+    is the same job for the masked base."""
     tiny = load_config(CONFIGS / "tiny.yaml")
-    assert set(yaml.safe_load((CONFIGS / "tiny.yaml").read_text())) == set(FIELD_NAMES)
+    assert set(yaml.safe_load((CONFIGS / "tiny.yaml").read_text())) | set(MODEL_OPTIONS) == set(FIELD_NAMES)
     changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(tiny, f.name) != getattr(TrainConfig(), f.name)}
     assert changed == MAIN_JOB_KEYS
     assert tiny.pretrained == "builtin" and tiny.data == "runs/tiny/proxy/scored.jsonl" and tiny.reward == "builtin"
@@ -121,6 +122,61 @@ def test_lora_training_with_each_reference():
     assert TrainConfig(loss="sft", lora=True).trains_lora  # no reference at all
     with pytest.raises(ValueError, match="lora=true with ref_mode='separate'.*'precomputed'"):
         TrainConfig(ref_mode="separate", lora=True)
+
+
+def test_family_options_reach_the_adapter(tmp_path):
+    """FLUX's training guidance and timestep density (and every family option) go from the YAML / CLI through
+    the trainer's ``build_adapter`` call to the adapter."""
+    import types
+
+    from tgo_fast.trainer.trainer import Trainer
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: flux\nresolution: 32\nguidance_scale: 1.0\nweighting_scheme: logit_normal\n")
+    cfg, _ = parse_args(["--config", str(path), "--logit_mean", "0.5", "--logit_std", "2", "--max_sequence_length", "16"])
+    assert cfg.model_options() == {"guidance_scale": 1.0, "weighting_scheme": "logit_normal", "logit_mean": 0.5,
+                                   "logit_std": 2.0, "max_sequence_length": 16}
+    trainer = types.SimpleNamespace(cfg=cfg, precision="fp32", device=torch.device("cpu"))
+    adapter = Trainer._build_adapter(trainer)
+    assert adapter.guidance_scale == 1.0 and adapter.max_sequence_length == 16
+    assert adapter.timestep_density == {"weighting_scheme": "logit_normal", "logit_mean": 0.5, "logit_std": 2.0,
+                                        "mode_scale": 1.29}
+    assert TrainConfig(model="sdxl", prediction_type="v_prediction").model_options() == {"prediction_type": "v_prediction"}
+    assert TrainConfig().model_options() == {}
+
+
+def test_family_options_match_the_adapters():
+    """MODEL_OPTIONS lists, for each family, exactly the extra keywords its adapter takes, and the same choices."""
+    import inspect
+
+    from tgo_fast.models import adapter_class
+    from tgo_fast.models.flux import WEIGHTING_SCHEMES
+    from tgo_fast.trainer import config
+
+    common = {"self", "pretrained", "resolution", "dtype", "device", "tiny_seed"}
+    for family in config.MODELS:
+        taken = set(inspect.signature(adapter_class(family).__init__).parameters) - common
+        assert taken == {name for name, families in MODEL_OPTIONS.items() if family in families}, family
+    assert config.WEIGHTING_SCHEMES == WEIGHTING_SCHEMES
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"guidance_scale": 1.0}, r"guidance_scale is an option of model flux, not of model='sd15'"),
+        ({"model": "amused", "prediction_type": "epsilon"}, "prediction_type is an option of model sd15 | sdxl"),
+        ({"model": "sdxl", "prediction_type": "sample"}, "prediction_type must be one of epsilon, v_prediction"),
+        ({"model": "flux", "weighting_scheme": "cosmap"}, "weighting_scheme must be one of none, logit_normal, mode"),
+        ({"model": "flux", "logit_std": 2.0}, "logit_std shapes the 'logit_normal' timestep density"),
+        ({"model": "flux", "weighting_scheme": "logit_normal", "mode_scale": 1.0}, "set weighting_scheme: mode"),
+        ({"model": "flux", "weighting_scheme": "logit_normal", "logit_std": 0}, "logit_std must be > 0"),
+        ({"model": "flux", "guidance_scale": -1}, "guidance_scale must be ≥ 0"),
+        ({"model": "flux", "max_sequence_length": 0}, "max_sequence_length must be ≥ 1"),
+    ],
+)
+def test_invalid_family_options_are_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**values)
 
 
 def test_cli_overrides_yaml(tmp_path):

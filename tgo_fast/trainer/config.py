@@ -43,6 +43,20 @@ THRESHOLD_UPDATES = ("none", "proxy")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 IMPLS = ("auto", "torch", "triton")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # tgo_fast.models.sd
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")  # tgo_fast.models.flux
+# Family options: run-config key → the families whose adapter takes it (as a keyword of the same name).
+MODEL_OPTIONS = {
+    "revision": MODELS,
+    "variant": MODELS,
+    "prediction_type": ("sd15", "sdxl"),
+    "guidance_scale": ("flux",),
+    "weighting_scheme": ("flux",),
+    "logit_mean": ("flux",),
+    "logit_std": ("flux",),
+    "mode_scale": ("flux",),
+    "max_sequence_length": ("flux",),
+}
 
 DEFAULT_VALIDATION_PROMPTS = (  # the synthetic world's full caption form, so the built-in reward can score them
     "a large red circle at the center on a blue background",
@@ -58,6 +72,16 @@ class TrainConfig:
     model: str = "sd15"  # family: sd15 | sdxl | flux | amused | meissonic
     pretrained: str | None = None  # hub id or local dir; "builtin" = the shipped tiny pretrained base; None = tiny random-init
     resolution: int | None = 32  # pixel side; None = the adapter's default
+    # family options (MODEL_OPTIONS; None = the family's default, see docs/models.md)
+    revision: str | None = None  # hub revision of `pretrained`
+    variant: str | None = None  # weight file variant of `pretrained`, e.g. fp16
+    prediction_type: str | None = None  # sd15/sdxl: epsilon | v_prediction; None = the scheduler's
+    guidance_scale: float | None = None  # flux: training guidance embedding (guidance-distilled checkpoints), 3.5
+    weighting_scheme: str | None = None  # flux: timestep density none | logit_normal | mode; None = none (uniform)
+    logit_mean: float | None = None  # flux, logit_normal: 0.0
+    logit_std: float | None = None  # flux, logit_normal: 1.0
+    mode_scale: float | None = None  # flux, mode: 1.29
+    max_sequence_length: int | None = None  # flux: T5 tokens; None = min(the tokenizer's length, 512)
     # --- data
     data: str | None = None  # jsonl/csv/parquet file, glob or saved HF dataset; None/"builtin" = synthetic
     builtin_num_samples: int = 64  # size of the built-in synthetic set
@@ -142,6 +166,7 @@ class TrainConfig:
             _at_least(name, getattr(self, name), 0)
         if self.resolution is not None:
             _at_least("resolution", self.resolution, 8)
+        self._validate_model_options()
         if self.micro_batch_size is not None:
             _at_least("micro_batch_size", self.micro_batch_size, 1)
         for name in ("learning_rate", "beta", "temperature", "adam_epsilon", "lora_alpha"):
@@ -183,6 +208,30 @@ class TrainConfig:
         if self.resume_from is not None and self.resume_from != "latest" and not Path(self.resume_from).is_dir():
             raise ValueError(f"resume_from must be 'latest' or a checkpoint directory, got {self.resume_from!r}")
         return self
+
+    def _validate_model_options(self) -> None:
+        for name, families in MODEL_OPTIONS.items():
+            if getattr(self, name) is not None and self.model not in families:
+                raise ValueError(f"{name} is an option of model {' | '.join(families)}, not of model={self.model!r}: "
+                                 "remove it or change model")
+        if self.prediction_type is not None:
+            _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if self.weighting_scheme is not None:
+            _choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+        for name, scheme in (("logit_mean", "logit_normal"), ("logit_std", "logit_normal"), ("mode_scale", "mode")):
+            if getattr(self, name) is not None and self.weighting_scheme != scheme:
+                raise ValueError(f"{name} shapes the {scheme!r} timestep density: set weighting_scheme: {scheme} "
+                                 f"(got {self.weighting_scheme!r}) or remove {name}")
+        if self.guidance_scale is not None:
+            _nonnegative("guidance_scale", self.guidance_scale)
+        if self.logit_std is not None:
+            _positive("logit_std", self.logit_std)
+        if self.max_sequence_length is not None:
+            _at_least("max_sequence_length", self.max_sequence_length, 1)
+
+    def model_options(self) -> dict[str, Any]:
+        """The family options that are set: keyword arguments of the model's adapter (``build_adapter``)."""
+        return {name: getattr(self, name) for name in MODEL_OPTIONS if getattr(self, name) is not None}
 
     @property
     def trains_lora(self) -> bool:

@@ -147,7 +147,7 @@ class Trainer:
         try:
             # Frozen parts on this rank's device; the backbone is moved and sharded by DeepSpeed.
             return build_adapter(cfg.model, cfg.pretrained, resolution=cfg.resolution, dtype=dtype,
-                                 device=self.device, tiny_seed=cfg.seed)
+                                 device=self.device, tiny_seed=cfg.seed, **cfg.model_options())
         except (OSError, EnvironmentError) as error:
             raise ValueError(f"pretrained={cfg.pretrained!r}: cannot load the {cfg.model} model: {error}") from error
 
@@ -183,7 +183,8 @@ class Trainer:
     def _adapter_identity(self) -> dict[str, Any]:
         identity = {"model": self.cfg.model, "pretrained": self.cfg.pretrained, "resolution": self.adapter.resolution,
                     "tiny_seed": self.cfg.seed if self.cfg.pretrained is None else None, "dtype": self.precision,
-                    "class": type(self.adapter).__qualname__}
+                    "class": type(self.adapter).__qualname__,
+                    **self.cfg.model_options()}  # revision, variant and max_sequence_length change the encodings
         kept = {name: str(model_dtype(module)) for name, module in self._frozen_modules().items()
                 if model_dtype(module) != _DTYPES[self.precision]}
         if kept:  # a frozen part in its own precision (SDXL's fp32 VAE) encodes differently
