@@ -104,6 +104,11 @@ def _check_full_export(trainer, state):
     assert set(loaded_state) == set(state)
     for key, value in state.items():
         assert torch.equal(loaded_state[key], value), key
+    if trainer.adapter.name in ("sd15", "sdxl", "flux"):  # final/ is the whole pipeline
+        from diffusers import DiffusionPipeline
+
+        pipeline = DiffusionPipeline.from_pretrained(trainer.run_dir / "final")
+        assert type(pipeline) is type(trainer.adapter.build_pipeline())
 
 
 def _check_lora_export(trainer):
@@ -113,6 +118,15 @@ def _check_lora_export(trainer):
     weights = load_file(lora_dir / "pytorch_lora_weights.safetensors")
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
     assert json.loads((lora_dir / "lora_config.json").read_text())["r"] == trainer.cfg.lora_rank
+    if trainer.adapter.name == "sd15":  # final/ is the pipeline with the LoRA merged into its UNet
+        from diffusers import DiffusionPipeline
+
+        from tgo_fast.trainer.export import merge_lora
+
+        unet = DiffusionPipeline.from_pretrained(trainer.run_dir / "final").unet
+        merged = merge_lora(backbone_state(trainer), trainer.lora_config)
+        for key, value in unet.state_dict().items():
+            torch.testing.assert_close(value, merged[key], msg=key)
     if trainer.adapter.name == "sd15":  # diffusers' own loader takes it
         from diffusers import UNet2DConditionModel
 

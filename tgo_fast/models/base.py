@@ -37,6 +37,7 @@ __all__ = [
     "check_pixel_values",
     "load_component",
     "save_backbone_state_dict",
+    "plain_key",
 ]
 
 
@@ -247,10 +248,11 @@ def save_backbone_state_dict(
     """Write ``state_dict`` as a diffusers model folder (``config.json`` + safetensors, sharded with an
     index when large) that ``type(backbone).from_pretrained(output_dir)`` loads.
 
-    The config comes from ``backbone`` (also when it is ZeRO-3 partitioned); the keys must be exactly
-    the backbone's, so a LoRA-wrapped or prefixed dict is refused rather than silently exported.
+    The config comes from ``backbone`` (also when it is ZeRO-3 partitioned or LoRA-injected); the keys must
+    be exactly the plain backbone's, so a LoRA-wrapped or prefixed dict is refused rather than silently
+    exported (merge LoRA factors first: ``tgo_fast.trainer.export.merge_lora``).
     """
-    expected = set(unwrap_model(backbone).state_dict())
+    expected = {plain_key(key) for key in unwrap_model(backbone).state_dict() if ".lora_" not in key}
     received = set(state_dict)
     if received != expected:
         missing, unexpected = sorted(expected - received), sorted(received - expected)
@@ -267,3 +269,9 @@ def save_backbone_state_dict(
         filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
         max_shard_size=max_shard_size,
     )
+
+
+def plain_key(key: str) -> str:
+    """A backbone state-dict key as the plain model names it when peft LoRA layers are injected
+    (``….to_q.base_layer.weight`` → ``….to_q.weight``); the ``lora_*`` factors have no plain name."""
+    return key.replace(".base_layer.", ".")

@@ -612,11 +612,14 @@ class Trainer:
         state = self._state_dict()
         if not D.is_main():
             return None
+        from .export import has_pipeline_export, merge_lora, save_lora, save_pipeline
+
         final = self.run_dir / "final"
         if self.cfg.trains_lora:
-            from .export import save_lora
-
             save_lora(self.adapter, self.engine.module, state, self.lora_config, final / "lora")
+            state = merge_lora(state, self.lora_config)
+        if has_pipeline_export(self.adapter):
+            save_pipeline(self.adapter, state, final)
         else:
             self.adapter.save_pretrained(state, final)
         return final
@@ -707,7 +710,7 @@ class Trainer:
 
     def _print_summary(self, rows: list[dict[str, Any]]) -> None:
         last = rows[-1] if rows else {}
-        exported = ("final/lora" if self.cfg.trains_lora else "final/") if self.cfg.export else "no export"
+        exported = ("final/ + final/lora" if self.cfg.trains_lora else "final/") if self.cfg.export else "no export"
         result = f"last loss {last['loss']:.4f}" if last else "nothing left to train"
         if "accuracy" in last:
             result += f", accuracy {last['accuracy']:.2f}"
