@@ -12,7 +12,7 @@ The recipe, per family, deterministic from ``seed`` on one CPU process:
    commitment loss, dead codes re-seeded from encoder outputs).
 3. **Backbone** on the frozen autoencoder's latents / tokens and a frozen random-init tiny CLIP text
    encoder, with ``empty_prompt_fraction`` of the captions replaced by "" so classifier-free guidance
-   works: the UNet with the ε-prediction loss of the family's DDPM schedule, the UVit2D with the
+   works: the UNet with the v-prediction loss of the family's DDPM schedule (zero terminal SNR), the UVit2D with the
    cosine mask schedule of SPEC §2 and cross-entropy on the masked tokens. AdamW, warm-up + cosine
    decay, an EMA of the weights (diffusers' ``EMAModel``) is what ships.
 4. **Evaluation** on held-out prompts (never seen by TGO training): one sample per prompt, its built-in
@@ -45,11 +45,12 @@ __all__ = ["PretrainConfig", "build_untrained_base", "evaluate_base", "pretrain_
 RESOLUTION = 64
 
 
-# The backbone budget per family: the UVit2D sees 16×16 = 256 tokens per image against the UNet's 8×8 latents,
-# so its steps cost ~4× more on a CPU; it gets smaller batches and fewer steps to stay within ~30 minutes.
+# The budget per family (~30 min on the 2-core machine): the VQModel has one more level than the AutoencoderKL,
+# both backbones see 8×8 latents / tokens.
 FAMILY_DEFAULTS = {
-    "sd15": {"backbone_steps": 3000, "backbone_batch_size": 64, "eval_inference_steps": 20},
-    "amused": {"backbone_steps": 2000, "backbone_batch_size": 32, "eval_inference_steps": 12},
+    "sd15": {"autoencoder_steps": 1000, "backbone_steps": 4000, "backbone_batch_size": 64, "eval_inference_steps": 20},
+    "amused": {"autoencoder_steps": 1500, "backbone_steps": 4000, "backbone_batch_size": 64,
+               "eval_inference_steps": 12},
 }
 
 
@@ -62,7 +63,7 @@ class PretrainConfig:
     seed: int = 0
     num_images: int = 16384
     max_noise: float = 0.25                 # pixel noise std ~ U(0, max_noise)·255, as the built-in set
-    autoencoder_steps: int = 1000
+    autoencoder_steps: int | None = None    # None: the family's (FAMILY_DEFAULTS)
     autoencoder_batch_size: int = 32
     autoencoder_learning_rate: float = 1e-3
     kl_weight: float = 1e-6                 # AutoencoderKL only
@@ -109,30 +110,34 @@ def build_untrained_base(family: str, seed: int):
             sample_size=RESOLUTION // 8, in_channels=4, out_channels=4,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
-            layers_per_block=1, norm_num_groups=16, cross_attention_dim=64, attention_head_dim=4))
+            layers_per_block=1, norm_num_groups=16, cross_attention_dim=64, attention_head_dim=4,
+            addition_embed_type="text", addition_embed_type_num_heads=4))  # + pooled text in the time embedding
+        # Stable Diffusion's betas rescaled to zero terminal SNR, with v-prediction and trailing timesteps (Lin et
+        # al. 2024; SD 2.1's fix): with SD's own schedule ᾱ_T = 0.0047 leaks the image's mean colour into x_T, and
+        # on 8×8 latents the noise's spatial mean (std 1/8) outweighs it, so the *seed* picks the background.
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
-                                  prediction_type="epsilon")  # Stable Diffusion's training schedule
+                                  beta_schedule="scaled_linear", clip_sample=False, rescale_betas_zero_snr=True,
+                                  prediction_type="v_prediction", timestep_spacing="trailing")
         return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
 
-    codebook_size = 128
+    codebook_size = 512
     vocab_size = codebook_size + 8  # + the mask token, rounded up to a multiple of 8 as aMUSEd's 8256
     tokenizer, text_encoder = tiny_clip_text(seed + 1, 64, 64, with_projection=True, max_length=20)
     vqvae = seeded_init(seed + 2, lambda: VQModel(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 64), layers_per_block=1,
         latent_channels=16, num_vq_embeddings=codebook_size, norm_num_groups=8, sample_size=RESOLUTION,
         mid_block_add_attention=False, lookup_from_codebook=True, force_upcast=True))
     micro_cond_encode_dim = 8
     transformer = seeded_init(seed, lambda: UVit2DModel(
-        hidden_size=64, use_bias=False, cond_embed_dim=64, micro_cond_encode_dim=micro_cond_encode_dim,
+        hidden_size=128, use_bias=False, cond_embed_dim=64, micro_cond_encode_dim=micro_cond_encode_dim,
         micro_cond_embed_dim=5 * micro_cond_encode_dim, encoder_hidden_size=64, vocab_size=vocab_size,
         codebook_size=codebook_size, in_channels=64, block_out_channels=64, num_res_blocks=1, downsample=False,
-        upsample=False, block_num_heads=4, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
-        sample_size=RESOLUTION // 4))
+        upsample=False, block_num_heads=4, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
+        sample_size=RESOLUTION // 8))
     scheduler = AmusedScheduler(mask_token_id=vocab_size - 1, masking_schedule="cosine")
     return AmusedPipeline(vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
                           scheduler=scheduler)
@@ -285,7 +290,8 @@ def _train_backbone(adapter, encoded: dict[str, Tensor], empty: dict[str, Tensor
     log = _train_loop(backbone, loss_fn, steps=cfg.backbone_steps, lr=cfg.backbone_learning_rate,
                       warmup=cfg.warmup_steps, desc=type(backbone).__name__, ema_decay=cfg.ema_decay)
     backbone.requires_grad_(False)
-    loss = "epsilon MSE" if adapter.kind == "diffusion" else "masked-token cross-entropy (cosine schedule)"
+    loss = (f"{adapter.noise_scheduler.config.prediction_type} MSE" if adapter.kind == "diffusion"
+            else "masked-token cross-entropy (cosine schedule)")
     return {**log, "kind": type(backbone).__name__, "batch_size": cfg.backbone_batch_size, "loss": loss,
             "empty_prompt_fraction": cfg.empty_prompt_fraction,
             "parameters": sum(p.numel() for p in backbone.parameters())}
