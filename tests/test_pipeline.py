@@ -16,8 +16,8 @@ from PIL import Image
 
 from tgo_fast.data import load_scored_dataset
 from tgo_fast.models import build_adapter
-from tgo_fast.pipeline import (ModelSource, evaluate, generate, image_seed, load_prompts, load_sampler, score,
-                               summarize, trained_run, win_rate)
+from tgo_fast.pipeline import (ModelSource, evaluate, generate, image_seed, load_prompts, load_sampler, run_base,
+                               score, summarize, trained_run, win_rate)
 from tgo_fast.pipeline.prompts import builtin_prompts, synthetic_world_prompts
 from tgo_fast.pipeline.shards import read_jsonl
 from tgo_fast.rewards import parse_synthetic_prompt
@@ -203,6 +203,18 @@ def test_load_sampler_applies_a_lora_export(tmp_path):
     sample, timestep, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(sample, timestep, text).sample, adapter.backbone(sample, timestep, text).sample)
+
+
+def test_load_sampler_keeps_the_run_family_options(tmp_path):
+    """A run trained with a family option (here prediction_type) is rebuilt with it, base and policy alike."""
+    make_run(tmp_path)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**config, "prediction_type": "v_prediction", "variant": None}))
+    for source in (trained_run(tmp_path), run_base(tmp_path)):
+        assert source.options == {"prediction_type": "v_prediction"}
+        adapter = load_sampler(source).adapter
+        assert adapter.noise_scheduler.config.prediction_type == "v_prediction"
+    assert load_sampler(SD15).adapter.noise_scheduler.config.prediction_type == "epsilon"  # the tiny default
 
 
 def test_trained_run_errors(tmp_path):

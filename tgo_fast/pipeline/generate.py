@@ -32,6 +32,7 @@ from torch import nn
 from tgo_fast.bases import BUILTIN, base_fingerprint
 from tgo_fast.models import ModelAdapter, adapter_class, build_adapter
 from tgo_fast.trainer import distributed as D
+from tgo_fast.trainer.config import MODEL_OPTIONS
 
 from .shards import run_in_chunks, write_atomically
 
@@ -52,6 +53,7 @@ class ModelSource:
     resolution: int | None = None
     tiny_seed: int = 0
     run: str | None = None
+    options: dict = dataclasses.field(default_factory=dict)  # family options: build_adapter keywords (run config)
 
     def describe(self) -> dict:
         """A JSON-able description (recorded in a job's ``job.json``), with a digest of the weights that are
@@ -82,13 +84,14 @@ class Sampler(NamedTuple):
 
 
 def trained_run(run_dir: str | os.PathLike) -> ModelSource:
-    """The source of a trained run directory: its ``config.yaml`` (model, pretrained, resolution, seed) and
+    """The source of a trained run directory: its ``config.yaml`` (as :func:`run_base`) and
     the export under ``final/`` (``unet/`` or ``transformer/``: full backbone; ``lora/``: LoRA weights)."""
     return dataclasses.replace(run_base(run_dir), run=os.fspath(run_dir))
 
 
 def run_base(run_dir: str | os.PathLike) -> ModelSource:
-    """The base model a run was trained from (its ``config.yaml``), without the run's weights."""
+    """The base model a run was trained from (its ``config.yaml``: model, pretrained, resolution, seed and the
+    family options such as ``prediction_type``), without the run's weights."""
     config_path = Path(run_dir) / "config.yaml"
     if not config_path.is_file():
         raise ValueError(f"run {os.fspath(run_dir)!r}: no config.yaml; expected a directory written by scripts/train.py")
@@ -97,14 +100,15 @@ def run_base(run_dir: str | os.PathLike) -> ModelSource:
         raise ValueError(f"run {os.fspath(run_dir)!r}: config.yaml names no model")
     # the trainer builds a tiny random-init model from its seed (tiny_seed=cfg.seed)
     return ModelSource(model=config["model"], pretrained=config.get("pretrained"),
-                       resolution=config.get("resolution"), tiny_seed=int(config.get("seed", 0)))
+                       resolution=config.get("resolution"), tiny_seed=int(config.get("seed", 0)),
+                       options={name: config[name] for name in MODEL_OPTIONS if config.get(name) is not None})
 
 
 def load_sampler(source: ModelSource, *, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> Sampler:
     """Build ``source``'s adapter on ``device`` and, for a run, load its exported backbone or LoRA weights."""
     adapter = build_adapter(source.model, source.pretrained, resolution=source.resolution, dtype=dtype,
-                            device=device, tiny_seed=source.tiny_seed)
+                            device=device, tiny_seed=source.tiny_seed, **source.options)
     if source.run is not None:
         final = Path(source.run) / "final"
         if (final / "lora").is_dir():
