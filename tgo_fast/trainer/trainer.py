@@ -185,14 +185,13 @@ class Trainer:
                     "tiny_seed": self.cfg.seed if self.cfg.pretrained is None else None, "dtype": self.precision,
                     "class": type(self.adapter).__qualname__,
                     **self.cfg.model_options()}  # revision, variant and max_sequence_length change the encodings
-        kept = {name: str(model_dtype(module)) for name, module in self._frozen_modules().items()
-                if model_dtype(module) != _DTYPES[self.precision]}
+        frozen_dtypes = {name: model_dtype(module) for name, module in self._frozen_modules().items()}
+        kept = {name: str(dtype) for name, dtype in frozen_dtypes.items() if dtype != _DTYPES[self.precision]}
         if kept:  # a frozen part in its own precision (SDXL's fp32 VAE) encodes differently
             identity["frozen_dtypes"] = kept
         from ..bases import BUILTIN, base_fingerprint
 
         if self.cfg.pretrained == BUILTIN:  # a retrained shipped base must not reuse stale encodings
-
             identity["base"] = base_fingerprint(self.cfg.model)
         return identity
 
