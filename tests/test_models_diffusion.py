@@ -40,9 +40,9 @@ def assert_same_state(model_a, model_b):
 
 
 def test_registry_builds_each_family_and_rejects_unknown_names():
-    assert set(ADAPTERS) == {"sd15", "sdxl", "flux", "amused", "meissonic"}
+    assert set(ADAPTERS) == {"sd15", "sdxl", "flux", "sd3", "amused", "meissonic"}
     with pytest.raises(ValueError, match="sd15"):
-        build_adapter("sd3", None)
+        build_adapter("sd4", None)
 
 
 def test_tiny_build_is_deterministic_from_tiny_seed_and_frozen(adapter):

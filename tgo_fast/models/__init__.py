@@ -21,6 +21,7 @@ ADAPTERS: dict[str, str] = {
     "sd15": "tgo_fast.models.sd:SD15Adapter",
     "sdxl": "tgo_fast.models.sd:SDXLAdapter",
     "flux": "tgo_fast.models.flux:FluxAdapter",
+    "sd3": "tgo_fast.models.sd3:SD3Adapter",
     "amused": "tgo_fast.models.amused:AmusedAdapter",
     "meissonic": "tgo_fast.models.meissonic:MeissonicAdapter",
 }

@@ -35,7 +35,7 @@ __all__ = [
     "DEFAULT_VALIDATION_PROMPTS",
 ]
 
-MODELS = ("sd15", "sdxl", "flux", "amused", "meissonic")
+MODELS = ("sd15", "sdxl", "flux", "sd3", "amused", "meissonic")
 LOSSES = ("tgo", "sft", "kto")
 REF_MODES = ("separate", "lora", "precomputed")
 REF_UPDATES = ("none", "epoch")
@@ -45,17 +45,19 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 IMPLS = ("auto", "torch", "triton")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # tgo_fast.models.sd
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")  # tgo_fast.models.flux
+SD3_WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")  # tgo_fast.models.sd3
+DEFAULT_WEIGHTING_SCHEME = {"flux": "none", "sd3": "logit_normal"}  # the adapters' defaults
 # Family options: run-config key → the families whose adapter takes it (as a keyword of the same name).
 MODEL_OPTIONS = {
     "revision": MODELS,
     "variant": MODELS,
     "prediction_type": ("sd15", "sdxl"),
     "guidance_scale": ("flux",),
-    "weighting_scheme": ("flux",),
-    "logit_mean": ("flux",),
-    "logit_std": ("flux",),
-    "mode_scale": ("flux",),
-    "max_sequence_length": ("flux",),
+    "weighting_scheme": ("flux", "sd3"),
+    "logit_mean": ("flux", "sd3"),
+    "logit_std": ("flux", "sd3"),
+    "mode_scale": ("flux", "sd3"),
+    "max_sequence_length": ("flux", "sd3"),
 }
 
 DEFAULT_VALIDATION_PROMPTS = (  # the synthetic world's full caption form, so the built-in reward can score them
@@ -69,7 +71,7 @@ class TrainConfig:
     """Every key of a run YAML (defaults = ``configs/tiny.yaml``, the embedded default run)."""
 
     # --- model
-    model: str = "sd15"  # family: sd15 | sdxl | flux | amused | meissonic
+    model: str = "sd15"  # family: sd15 | sdxl | flux | sd3 | amused | meissonic
     pretrained: str | None = None  # hub id or local dir; "builtin" = the shipped tiny pretrained base; None = tiny random-init
     resolution: int | None = 32  # pixel side; None = the adapter's default
     # family options (MODEL_OPTIONS; None = the family's default, see docs/models.md)
@@ -77,11 +79,11 @@ class TrainConfig:
     variant: str | None = None  # weight file variant of `pretrained`, e.g. fp16
     prediction_type: str | None = None  # sd15/sdxl: epsilon | v_prediction; None = the scheduler's
     guidance_scale: float | None = None  # flux: training guidance embedding (guidance-distilled checkpoints), 3.5
-    weighting_scheme: str | None = None  # flux: timestep density none | logit_normal | mode; None = none (uniform)
-    logit_mean: float | None = None  # flux, logit_normal: 0.0
-    logit_std: float | None = None  # flux, logit_normal: 1.0
-    mode_scale: float | None = None  # flux, mode: 1.29
-    max_sequence_length: int | None = None  # flux: T5 tokens; None = min(the tokenizer's length, 512)
+    weighting_scheme: str | None = None  # flux: none | logit_normal | mode (None = none); sd3: also cosmap | sigma_sqrt (None = logit_normal)
+    logit_mean: float | None = None  # flux/sd3, logit_normal: 0.0
+    logit_std: float | None = None  # flux/sd3, logit_normal: 1.0
+    mode_scale: float | None = None  # flux/sd3, mode: 1.29
+    max_sequence_length: int | None = None  # flux/sd3: T5 tokens; None = min(the tokenizer's length, 512 / 256)
     # --- data
     data: str | None = None  # jsonl/csv/parquet file, glob or saved HF dataset; None/"builtin" = synthetic
     builtin_num_samples: int = 64  # size of the built-in synthetic set
@@ -122,6 +124,7 @@ class TrainConfig:
     ref_update: str = "none"  # none | epoch (π_ref ← π_θ after each epoch; separate/precomputed)
     threshold_update: str = "none"  # none | proxy (re-estimate τ on a fresh proxy set after each π_ref ← π_θ)
     reward: str | None = None  # scorer of proxy sets and validation images: "builtin" or "package.module:function"
+    val_reward: str | None = None  # validation images' scorer instead of `reward`: NAME[=PRETRAINED][,KEY=VALUE] (docs/pipeline.md)
     proxy_size: int = 64  # images generated from π_ref (training prompts) per re-estimation
     proxy_inference_steps: int = 4
     resample_noise_each_epoch: bool = True  # fresh noise/timestep/mask seeds per epoch (not precomputed)
@@ -203,6 +206,8 @@ class TrainConfig:
                              "reads its samples from the encoding cache that one pass over the stream fills")
         if self.threshold_file is not None and not Path(self.threshold_file).is_file():
             raise ValueError(f"threshold_file: no such file {self.threshold_file!r}")
+        if self.val_reward is not None and not self.val_reward.strip():
+            raise ValueError("val_reward must be a reward spec (e.g. builtin, pickscore=PATH) or null, got an empty string")
         if self.data is not None and self.data.strip() == "":
             raise ValueError("data must be a path/glob or 'builtin', got an empty string")
         if self.resume_from is not None and self.resume_from != "latest" and not Path(self.resume_from).is_dir():
@@ -217,11 +222,13 @@ class TrainConfig:
         if self.prediction_type is not None:
             _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if self.weighting_scheme is not None:
-            _choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+            _choice("weighting_scheme", self.weighting_scheme,
+                    SD3_WEIGHTING_SCHEMES if self.model == "sd3" else WEIGHTING_SCHEMES)
+        scheme_in_use = self.weighting_scheme or DEFAULT_WEIGHTING_SCHEME.get(self.model)
         for name, scheme in (("logit_mean", "logit_normal"), ("logit_std", "logit_normal"), ("mode_scale", "mode")):
-            if getattr(self, name) is not None and self.weighting_scheme != scheme:
+            if getattr(self, name) is not None and scheme_in_use != scheme:
                 raise ValueError(f"{name} shapes the {scheme!r} timestep density: set weighting_scheme: {scheme} "
-                                 f"(got {self.weighting_scheme!r}) or remove {name}")
+                                 f"(got {scheme_in_use!r}) or remove {name}")
         if self.guidance_scale is not None:
             _nonnegative("guidance_scale", self.guidance_scale)
         if self.logit_std is not None:
