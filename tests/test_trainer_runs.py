@@ -12,6 +12,7 @@ import torch
 from tgo_fast.trainer import TrainConfig
 from tgo_fast.trainer.config import load_config
 from tgo_fast.trainer.distributed import world_of_one_session
+from tgo_fast.trainer.reference import PrecomputedReference, SeparateReference
 
 pytestmark = pytest.mark.slow
 
@@ -141,8 +142,12 @@ def test_baseline_losses_train(loss_name, ref_mode, tmp_path, cache_dir):
     cfg = make_config(tmp_path, cache_dir, loss=loss_name, ref_mode=ref_mode, max_steps=2, export=False,
                       gradient_checkpointing=loss_name == "sft", plots=True)
     trainer = build(cfg)
-    assert (trainer.reference is None) == (loss_name == "sft" or ref_mode == "precomputed")
-    assert (trainer.ref_table is None) == (ref_mode != "precomputed" or loss_name == "sft")
+    if loss_name == "sft":
+        assert trainer.reference is None
+    else:
+        assert type(trainer.reference) is {"separate": SeparateReference, "precomputed": PrecomputedReference}[ref_mode]
+    if ref_mode == "precomputed" and loss_name != "sft":
+        assert trainer.reference.table.shape == (trainer.num_samples,)
     before = backbone_state(trainer)
     rows = trainer.train()
     assert [r["step"] for r in rows] == [1, 2]

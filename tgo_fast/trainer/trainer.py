@@ -22,20 +22,20 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
-from ..models.base import model_dtype, unwrap_model
+from ..models.base import model_dtype
 from ..threshold import ThresholdEstimate, estimate_threshold
 from . import distributed as D
 from .batches import EncodedDataset, EncodingCache, StepSchedule, collate_encoded, encoding_cache_key, sample_seeds
-from .config import (TrainConfig, batch_layout, deepspeed_precision, merge_deepspeed_config,
-                     reference_deepspeed_config)
-from .objectives import diffusion_objective, masked_objective, needs_reference, reference_error, reference_logp
+from .config import TrainConfig, batch_layout, deepspeed_precision, merge_deepspeed_config
+from .objectives import diffusion_objective, masked_objective, needs_reference
+from .reference import (LoraReference, PrecomputedReference, ReferencePolicy, ReferenceValues, SeparateReference,
+                        frozen_reference_model)
 from .tracking import MetricsWriter, peak_memory_mib, plot_score_histogram, plot_training_curves, read_metrics
 
 __all__ = ["Trainer", "default_ds_config"]
@@ -102,7 +102,15 @@ class Trainer:
             from ..rewards import check_reward_prompts, load_reward
 
             self.reward = load_reward(cfg.reward)
-            check_reward_prompts(self.reward, cfg.validation_prompts)
+            if cfg.val_reward is None:
+                check_reward_prompts(self.reward, cfg.validation_prompts)
+        self.validation_reward = self.reward
+        if cfg.val_reward is not None:  # its own scorer of the validation images, any spec (e.g. pickscore=PATH)
+            from ..pipeline.reward_specs import load_reward_spec
+            from ..rewards import check_reward_prompts
+
+            self.validation_reward = load_reward_spec(cfg.val_reward, device=self.device)
+            check_reward_prompts(self.validation_reward, cfg.validation_prompts)
         if cfg.threshold_update == "proxy":
             from ..data import dataset_prompts
 
@@ -110,15 +118,12 @@ class Trainer:
             check_reward_prompts(self.reward, self.proxy_prompts)
         self.train_dataset, self.collate = self._training_dataset()
 
-        self.uses_reference = needs_reference(cfg)
-        self.ref_mode = cfg.ref_mode if self.uses_reference else "none"
-        self._build_engines()
-        self.ref_table: torch.Tensor | None = None
+        self._build_engines()  # the policy engine and self.reference (None when the loss needs no π_ref)
         self.start_step = 0
         if self.resume_tag is not None:
             self._load_checkpoint(self.resume_tag)
-        if self.ref_mode == "precomputed" and self.ref_table is None:
-            self.ref_table = self._precompute_reference()
+        if self.reference is not None:
+            self.reference.start()
         if D.is_main():
             self._write_run_files()
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.start_step, tensorboard=cfg.tensorboard,
@@ -285,9 +290,8 @@ class Trainer:
             if not hasattr(backbone, "enable_gradient_checkpointing"):
                 raise ValueError(f"gradient_checkpointing: {type(backbone).__name__} does not support it")
             backbone.enable_gradient_checkpointing()
-        reference = None
-        if self.ref_mode == "separate":
-            reference = copy.deepcopy(backbone).requires_grad_(False).eval()
+        uses_reference = needs_reference(cfg)
+        frozen_copy = copy.deepcopy(backbone) if uses_reference and cfg.ref_mode == "separate" else None
         if cfg.trains_lora:
             self._inject_lora(backbone)
         trainable = [p for p in backbone.parameters() if p.requires_grad]
@@ -300,13 +304,19 @@ class Trainer:
             # One process without ZeRO: the gradient all-reduce would only flatten and unflatten every gradient.
             self.engine.enable_backward_allreduce = False
         self.engine.train()
-        self.reference = None
-        if reference is not None:
-            if self.zero3:  # its own ZeRO-3 inference engine: sharded like the policy, no optimizer state
-                self.reference, *_ = deepspeed.initialize(model=reference, config=reference_deepspeed_config(self.ds_config))
-            else:
-                self.reference = reference.to(device=self.device, dtype=_DTYPES[self.precision])
-            self.reference.eval()
+        self.reference = self._build_reference(frozen_copy) if uses_reference else None
+
+    def _build_reference(self, frozen_copy: torch.nn.Module | None) -> ReferencePolicy:
+        cfg = self.cfg
+        if cfg.ref_mode == "separate":
+            model = frozen_reference_model(frozen_copy, self.ds_config, zero3=self.zero3, device=self.device,
+                                           dtype=_DTYPES[self.precision])
+            return SeparateReference(model, self.engine, self.adapter, cfg.impl,
+                                     keeps_weights=cfg.ref_update == "epoch")
+        if cfg.ref_mode == "lora":
+            return LoraReference(self.engine, self.adapter, cfg.impl)
+        return PrecomputedReference(self.engine, self.adapter, cfg.impl, self._item_batches, self.num_samples,
+                                    self.device)
 
     def _inject_lora(self, backbone: torch.nn.Module) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -317,39 +327,8 @@ class Trainer:
         inject_adapter_in_model(self.lora_config, backbone)  # only the LoRA factors require grad now
 
     # ------------------------------------------------------------------------------- forward
-    @contextlib.contextmanager
-    def _lora_disabled(self):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [m for m in self.engine.module.modules() if isinstance(m, BaseTunerLayer)]
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)
-
-    def _reference_model(self):
-        return self.reference if self.ref_mode == "separate" else self.engine
-
-    def _head(self, model) -> torch.nn.Module:
-        """The masked families' output-head module of ``model`` (policy engine or reference)."""
-        return self.adapter.output_head_module(model)
-
-    @torch.no_grad()
-    def _reference_output(self, encoded, inputs) -> tuple[torch.Tensor, torch.nn.Module]:
-        """The live reference's prediction (diffusion) or hidden states (masked), and the model that made it."""
-        model = self._reference_model()
-        with self._lora_disabled() if self.cfg.ref_mode == "lora" else contextlib.nullcontext():
-            return self.adapter.forward(model, encoded, inputs), model
-
-    @torch.no_grad()
-    def _logp(self, model, hidden, labels) -> torch.Tensor:
-        return reference_logp(self._head(model), hidden, labels, self.cfg.impl)
-
     def _noise_epoch(self, epoch: int) -> int:
-        fixed = self.ref_mode == "precomputed" or not self.cfg.resample_noise_each_epoch
+        fixed = (self.reference is not None and self.reference.fixed_noise) or not self.cfg.resample_noise_each_epoch
         return 0 if fixed else epoch
 
     def _prepare(self, batch: dict[str, Any], epoch: int):
@@ -365,87 +344,43 @@ class Trainer:
         """One micro-batch: reference (live or precomputed), policy forward, objective, and backward."""
         encoded, inputs, scores = self._prepare(batch, epoch)
         cfg = self.cfg
-        ref_output = ref_value = None
-        if self.ref_mode == "precomputed":
-            ref_value = self.ref_table[batch["index"]].to(self.device)
-        elif self.uses_reference:
-            ref_output, ref_model = self._reference_output(encoded, inputs)
-            if self.kind == "masked":
-                ref_value = self._logp(ref_model, ref_output, inputs["labels"])
+        ref = (self.reference.values(batch["index"], encoded, inputs) if self.reference is not None
+               else ReferenceValues(prediction=None, value=None))
         if self.kind == "diffusion":
             pred = self.adapter.forward(self.engine, encoded, inputs)
-            loss, stats = diffusion_objective(cfg, pred, inputs["target"], scores, self.tau, ref_pred=ref_output,
-                                              ref_error=ref_value)
+            loss, stats = diffusion_objective(cfg, pred, inputs["target"], scores, self.tau,
+                                              ref_pred=ref.prediction, ref_error=ref.value)
             if backward:
                 self.engine.backward(loss)
             return loss.detach(), stats
         hidden = self.adapter.forward(self.engine, encoded, inputs)
-        loss, stats = masked_objective(cfg, self._head(self.engine), hidden, inputs["labels"], scores, self.tau,
-                                       ref_value)
+        loss, stats = masked_objective(cfg, self.adapter.output_head_module(self.engine), hidden, inputs["labels"],
+                                       scores, self.tau, ref.value)
         if backward:
             self.engine.backward(loss)
         return loss.detach(), stats
 
     # -------------------------------------------------------------------- precomputed reference
-    @torch.no_grad()
-    def _precompute_reference(self) -> torch.Tensor:
-        """Pre-pass: e_ref / log π_ref of every sample under its fixed seeds, with the current policy as π_ref.
-
-        Ranks take equal numbers of batches (ZeRO-3 forwards are collective; the last ones repeat index 0)
-        and the values are gathered, so every rank holds the whole (N,) table.
-        """
-        self.engine.eval()
-        batch = self.micro_batch_size
-        order, per_rank = precompute_layout(self.num_samples, self.world_size, batch)
+    def _item_batches(self) -> tuple[torch.Tensor, Iterator[tuple[dict, dict]]]:
+        """Every training item once for the precomputed reference's pre-pass, under its fixed (epoch-0) seeds:
+        ``(order, this rank's micro-batches of (encoded, inputs))``, see :func:`precompute_layout`."""
+        order, per_rank = precompute_layout(self.num_samples, self.world_size, self.micro_batch_size)
         mine = order.view(self.world_size, per_rank)[self.rank]
-        values = []
-        for start in range(0, per_rank, batch):
-            indices = mine[start:start + batch]
-            examples = self.collate([self.train_dataset[int(i)] for i in indices])
-            encoded, inputs, _ = self._prepare(examples, epoch=0)
-            output = self.adapter.forward(self.engine, encoded, inputs)
-            values.append(reference_error(output, inputs["target"]) if self.kind == "diffusion"
-                          else self._logp(self.engine, output, inputs["labels"]))
-        self.engine.train()
-        gathered_values = D.all_gather_tensor(torch.cat(values).float().cpu())
-        table = torch.empty(self.num_samples, dtype=torch.float32)
-        table[order] = gathered_values  # wrapped duplicates write the same value twice
-        return table
+
+        def batches():
+            for start in range(0, per_rank, self.micro_batch_size):
+                examples = self.collate([self.train_dataset[int(i)] for i in mine[start:start + self.micro_batch_size]])
+                encoded, inputs, _ = self._prepare(examples, epoch=0)
+                yield encoded, inputs
+
+        return order, batches()
 
     # -------------------------------------------------------------------------- π_ref ← π_θ
-    def _gathered(self, params, modifier_rank=None):
-        import deepspeed
-
-        params = [p for p in params if hasattr(p, "ds_id")]
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank) if params else contextlib.nullcontext()
-
-    @torch.no_grad()
     def update_reference(self) -> None:
-        """Algorithm 1's optional step: π_ref ← π_θ (copy the weights, or recompute the precomputed table)."""
-        if self.ref_mode == "precomputed":
-            self.ref_table = self._precompute_reference()
-            return
-        policy = dict(self.engine.module.named_parameters())
-        for name, ref_param in unwrap_model(self.reference).named_parameters():
-            with self._gathered([policy[name]]), self._gathered([ref_param], modifier_rank=0):
-                if D.is_main() or not hasattr(ref_param, "ds_id"):
-                    ref_param.data.copy_(policy[name].data)
-
-    @torch.no_grad()
-    def _reference_state(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, param in unwrap_model(self.reference).named_parameters():
-            with self._gathered([param]):
-                if D.is_main():
-                    state[name] = param.data.detach().cpu().clone()
-        return state
-
-    @torch.no_grad()
-    def _load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
-        for name, param in unwrap_model(self.reference).named_parameters():
-            with self._gathered([param], modifier_rank=0):
-                if D.is_main() or not hasattr(param, "ds_id"):
-                    param.data.copy_(state[name].to(param.device, param.dtype))
+        """Algorithm 1's optional step: π_ref ← π_θ (copy the weights, or recompute the precomputed table; nothing
+        to do for a loss without a reference)."""
+        if self.reference is not None:
+            self.reference.update()
 
     # ----------------------------------------------------------------------- τ on a fresh proxy set
     @torch.no_grad()
@@ -498,12 +433,8 @@ class Trainer:
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    tmp_dir / f"rng_state_rank{self.rank}.pt")
-        reference_state = self._reference_state() if (self.ref_mode == "separate" and self.cfg.ref_update == "epoch") else None
-        if D.is_main():
-            if self.ref_table is not None:
-                save_file({"values": self.ref_table}, str(tmp_dir / "reference_table.safetensors"))
-            if reference_state is not None:
-                save_file(reference_state, str(tmp_dir / "reference_model.safetensors"))
+        if self.reference is not None:
+            self.reference.save(tmp_dir)
         D.barrier()
         final = self.ckpt_dir / tag
         if D.is_main():
@@ -546,11 +477,8 @@ class Trainer:
         random.setstate(rng["python"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        if self.ref_mode == "precomputed":
-            self.ref_table = load_file(str(path / "reference_table.safetensors"))["values"]
-        if self.ref_mode == "separate" and self.cfg.ref_update == "epoch":
-            state = load_file(str(path / "reference_model.safetensors")) if D.is_main() else {}
-            self._load_reference_state(state)
+        if self.reference is not None:
+            self.reference.load(path)
 
     # ------------------------------------------------------------------------------ outputs
     def _write_run_files(self) -> None:
@@ -575,7 +503,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
         """Validation grid (a column per prompt, a row per seed; every rank runs the pipeline) under
-        ``samples/``, and with ``reward`` set the mean reward of its images, returned as ``validation_reward``."""
+        ``samples/``, and with ``val_reward`` or ``reward`` set the mean reward of its images, returned as
+        ``validation_reward``."""
         from diffusers.utils import make_image_grid
 
         from ..rewards import score_images
@@ -594,9 +523,9 @@ class Trainer:
         path.parent.mkdir(exist_ok=True)
         grid.save(path)
         self.metrics.add_image("validation", grid, step)
-        if self.reward is None:
+        if self.validation_reward is None:
             return {}
-        return {"validation_reward": float(score_images(self.reward, images, prompts).mean())}
+        return {"validation_reward": float(score_images(self.validation_reward, images, prompts).mean())}
 
     def _state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full policy state dict on rank 0 (gathered from the ZeRO-3 shards), None elsewhere."""
@@ -657,7 +586,7 @@ class Trainer:
         batches = iter(loader)
         progress = tqdm(total=cfg.max_steps, initial=self.start_step, desc="TGO" if cfg.loss == "tgo" else cfg.loss,
                         disable=not D.is_main(), dynamic_ncols=True)
-        if self.start_step == 0 and self.reward is not None:  # the base's reward: where the curve starts
+        if self.start_step == 0 and self.validation_reward is not None:  # the base's reward: where the curve starts
             before = self.validate(0)
             if D.is_main():
                 self.metrics.log({"step": 0, **before})
