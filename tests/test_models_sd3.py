@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusion3Pipeline
 
 from tgo_fast.models import build_adapter
 from tgo_fast.models.sd3 import WEIGHTING_SCHEMES, SD3Adapter
+from tgo_fast.pipeline.generate import load_sampler, trained_run
 from tgo_fast.trainer import TrainConfig
 from tgo_fast.trainer.config import FIELD_NAMES, SD3_WEIGHTING_SCHEMES, load_config, parse_args
 from tgo_fast.trainer.export import LORA_WEIGHT_NAME, merge_lora, save_lora, save_pipeline
@@ -353,6 +354,10 @@ def test_each_reference_mode_trains_two_steps_and_exports(ref_mode, tmp_path, ca
     if cfg.trains_lora:
         assert (final / "lora" / LORA_WEIGHT_NAME).is_file()
         assert json.loads((final / "lora" / "lora_config.json").read_text())["r"] == cfg.lora_rank
+    # tgo_fast.pipeline rebuilds the trained model from the run (base + final/transformer or final/lora)
+    sampler = load_sampler(trained_run(trainer.run_dir))
+    torch.testing.assert_close(model_output(sampler.adapter, sampler.backbone),
+                               model_output(sampler.adapter, pipeline.transformer))
 
 
 @pytest.mark.slow
