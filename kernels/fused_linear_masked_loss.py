@@ -2,16 +2,15 @@
 
 The per-sample log-likelihood of a masked generative transformer is the mean, over its masked
 positions M_i, of log softmax(h_ik · Wᵀ + b)[t_ik]. Full logits (B, L, V) are 1 GB in fp32 at the
-Meissonic shape; this op never builds them. Only masked rows (targets ≠ ignore_index) are
-computed, one chunk of rows at a time:
+Meissonic shape; this op never builds them. The B·L rows are computed one chunk at a time:
 
-    logits_c = h_c · Wᵀ + b                      (n, V) fp32, the only V-sized buffer
+    logits_c = h_c · Wᵀ + b                      (n, V), fp32 by default: the only V-sized buffer
     lse_r    = log Σ_v exp(logits_rv)            online max / sum over V blocks (Triton kernel)
     logp_r   = logits_r[t_r] − lse_r
     D_r      = softmax(logits_r) − onehot(t_r)   written over logits_c in place
 
-With ŝ_i = β·(mean_{r∈M_i} logp_r − ref_logp_i) and g_i = ∂ℓ/∂ŝ_i (from ``tgo_objective``),
-∂ℓ/∂logits_r = coef_r·D_r with coef_r = −g_i·β/|M_i|, so per chunk
+With ŝ_i = β·(Σ_{r∈M_i} logp_r / |M_i| − ref_logp_i) and g_i = ∂ℓ/∂ŝ_i = w_i·(σ(ŝ_i) − l_i),
+∂ℓ/∂logits_r = coef_r·D_r with coef_r = −g_i·β/|M_i| on masked rows and 0 elsewhere, so per chunk
 
     grad_h_c = coef ⊙ (D · W),   grad_W += Dᵀ · (coef ⊙ h_c),   grad_b += Dᵀ · coef
 
@@ -19,14 +18,25 @@ With ŝ_i = β·(mean_{r∈M_i} logp_r − ref_logp_i) and g_i = ∂ℓ/∂ŝ_i 
 stay in the input dtype on CUDA (tensor cores, fp32 accumulation and fp32 results); everything
 else is fp32.
 
-Two schedules (docs/masked-kernel.md has the measurements that chose the default):
+No host synchronisation: every row is computed (unmasked rows get coef 0 and drop out of the
+sums), so chunk boundaries depend on shapes only, never on where the masked tokens are; per-sample
+sums are fixed-order sums over a dense (samples, L) buffer (deterministic, no atomics). Computing
+only the masked rows would save (1 − mask ratio) of the matmuls but needs their number on the host
+(one synchronisation per call, no CUDA graphs): Liger's fused losses make the same choice.
 
-* ``single_pass`` (default for reduction "mean"/"sum" when a gradient is needed): chunks hold
-  whole samples, so g_i is known as soon as the chunk's log-probs are; all gradients are computed
-  in forward (3 matmuls per row) and backward only scales them by the scalar grad_output.
-* ``two_pass``: forward computes log-probs only (1 matmul); backward recomputes each chunk's
-  logits (3 more). Used for reduction "none" (a per-sample grad_output cannot rescale a summed
-  grad_W) and by ``masked_token_logprob``.
+The ops are ``torch.library`` custom ops with fake (meta) implementations and registered autograd,
+so ``torch.compile(fullgraph=True)`` keeps them in one graph and CUDA graphs can capture them:
+
+* ``tgo_fast::fused_linear_masked_tgo`` (the ``single_pass`` schedule, default for reduction
+  "mean"/"sum" when a gradient is needed): chunks hold whole samples, so g_i is known as soon as
+  the chunk's log-probs are; all gradients are computed in forward (3 matmuls per row) and
+  backward only scales them by the scalar grad_output, in fp32.
+* ``tgo_fast::masked_token_logprob`` + ``tgo_fast::masked_token_logprob_backward`` (``two_pass``):
+  forward computes log-probs only (1 matmul); backward recomputes each chunk's logits (3 more).
+  Used for reduction "none" (a per-sample grad_output cannot rescale a summed grad_W) and by
+  ``masked_token_logprob``.
+* ``tgo_fast::logits_token_logprob`` (+ ``_backward``): the row kernel on full logits, for
+  ``tgo_fast.loss.tgo_masked_loss(impl="triton")``.
 
 DeepSpeed ZeRO-3 partitions the head (an empty tensor outside its module's forward).
 ``fused_head_loss`` / ``head_token_logprob`` run the op as the head module's forward, so ZeRO-3's
@@ -38,16 +48,19 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 # A leaf, like Liger's ops/: the shared TGO math and the argument checks, nothing from tgo_fast.loss.
-from tgo_fast._math import tgo_objective, tgo_stats
+from tgo_fast._math import labels_of, tgo_objective, tgo_score_gradient, tgo_stats, weights_of
 from tgo_fast._validation import (
     check_batch, check_common, check_finite_values, check_float_tensor, check_masked_targets, resolve_impl,
 )
+
+LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Largest V block of one program; a row of V = 8256 codes takes one block of 16384 lanes.
 _MAX_BLOCK_V = 16384
@@ -95,18 +108,21 @@ def _masked_row_kernel(
     targets_ptr,  # (n,) int64, every value in [0, V)
     lse_ptr,  # (n,) fp32 out: log Σ_v exp(z_v), z = logits + bias
     target_logit_ptr,  # (n,) fp32 out: z[target]
-    grad_ptr,  # (n, V) out when WRITE_GRAD: D in the matmul dtype; may be logits_ptr itself (fp32, in place)
+    grad_ptr,  # (n, V) out when WRITE_GRAD: D in the matmul dtype; may be logits_ptr itself (in place)
     grad_row_stride,
+    row_scale_ptr,  # (n,) fp32 when SCALE_GRAD: D_r is written times row_scale_r
     n_cols,
     BLOCK_V: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # the row fits one block (V ≤ BLOCK_V): read it once, keep it in registers
 ):
-    """One program per masked row: log-sum-exp, target logit, D = softmax(z) − onehot(target)."""
+    """One program per row: log-sum-exp, target logit, D = softmax(z) − onehot(target) (× a row scale)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
     grad_row_ptr = grad_ptr + row * grad_row_stride
+    scale = tl.load(row_scale_ptr + row) if SCALE_GRAD else 1.0
     target = tl.load(targets_ptr + row)
     target_logit = tl.load(row_ptr + target).to(tl.float32)
     if HAS_BIAS:
@@ -124,7 +140,7 @@ def _masked_row_kernel(
         s = tl.sum(e, axis=0)
         tl.store(lse_ptr + row, m + tl.log(s))
         if WRITE_GRAD:
-            d = e / s - tl.where(cols == target, 1.0, 0.0)
+            d = (e / s - tl.where(cols == target, 1.0, 0.0)) * scale
             tl.store(grad_row_ptr + cols, d.to(grad_ptr.dtype.element_ty), mask=in_row)
     else:
         # Online log-sum-exp: m = running max, s = Σ exp(z − m), rescaled when m grows.
@@ -148,13 +164,13 @@ def _masked_row_kernel(
                 z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
                 if HAS_BIAS:
                     z += tl.load(bias_ptr + cols, mask=in_row, other=0.0)
-                d = tl.exp(z - m) * inv_s - tl.where(cols == target, 1.0, 0.0)
+                d = (tl.exp(z - m) * inv_s - tl.where(cols == target, 1.0, 0.0)) * scale
                 tl.store(grad_row_ptr + cols, d.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def _row_step_triton(logits, targets, bias, grad):
-    """logits (n, V) fp32 h·Wᵀ, targets (n,) int64, bias (V,) fp32 or None
-    → lse (n,), target_logit (n,) of z = logits + bias; D into grad (n, V) if given."""
+def _row_step_triton(logits, targets, bias, grad, row_scale=None):
+    """logits (n, V) h·Wᵀ (any float dtype, unit column stride), targets (n,) int64, bias (V,) fp32 or None
+    → lse (n,), target_logit (n,) fp32 of z = logits + bias; D (× row_scale (n,) if given) into grad (n, V)."""
     n_rows, n_cols = logits.shape
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     target_logit = torch.empty_like(lse)
@@ -162,26 +178,28 @@ def _row_step_triton(logits, targets, bias, grad):
     grad_out = logits if grad is None else grad
     _masked_row_kernel[(n_rows,)](
         logits, logits.stride(0), logits if bias is None else bias, targets, lse, target_logit,
-        grad_out, grad_out.stride(0), n_cols,
-        BLOCK_V=block_v, HAS_BIAS=bias is not None, WRITE_GRAD=grad is not None, SINGLE_BLOCK=n_cols <= block_v,
-        num_warps=32 if block_v >= 8192 else 8,
+        grad_out, grad_out.stride(0), lse if row_scale is None else row_scale, n_cols,
+        BLOCK_V=block_v, HAS_BIAS=bias is not None, WRITE_GRAD=grad is not None, SCALE_GRAD=row_scale is not None,
+        SINGLE_BLOCK=n_cols <= block_v, num_warps=32 if block_v >= 8192 else 8,
     )
     return lse, target_logit
 
 
 def _row_step_torch(logits, targets, bias, grad):
-    """The same step in PyTorch (logits are overwritten); D into grad if given."""
+    """The same step in PyTorch (fp32 logits are overwritten; half logits are read into an fp32 copy);
+    D into grad if given."""
+    work = logits if logits.dtype == torch.float32 else logits.float()
     if bias is not None:
-        logits.add_(bias)
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+        work.add_(bias)
+    target_logit = work.gather(1, targets[:, None]).squeeze(1)
     # In place, no second (n, V) buffer: e = exp(z − max), lse = max + log Σe, softmax = e / Σe.
-    row_max = logits.amax(dim=1, keepdim=True)
-    exp_shifted = logits.sub_(row_max).exp_()
+    row_max = work.amax(dim=1, keepdim=True)
+    exp_shifted = work.sub_(row_max).exp_()
     sum_exp = exp_shifted.sum(dim=1, keepdim=True)
     lse = (row_max + sum_exp.log()).squeeze(1)
     if grad is not None:
-        exp_shifted.div_(sum_exp).scatter_add_(1, targets[:, None], logits.new_full((len(targets), 1), -1.0))
-        if grad is not logits:
+        exp_shifted.div_(sum_exp).scatter_add_(1, targets[:, None], work.new_full((len(targets), 1), -1.0))
+        if grad is not work:
             grad.copy_(exp_shifted)
     return lse, target_logit
 
@@ -277,7 +295,7 @@ def head_token_logprob(head: torch.nn.Module, hidden, targets, *, impl="auto", *
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks and the masked-row layout
+# Input checks and the row layout
 # ----------------------------------------------------------------------------------------------
 
 def _head_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -292,30 +310,8 @@ def _head_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-@dataclass
-class _MaskedRows:
-    """Where the masked rows are: flat row index into hidden.flatten(0, -2), sample of each row."""
-
-    row_index: torch.Tensor  # (N,) int64, sample-major
-    row_targets: torch.Tensor  # (N,) int64 in [0, V)
-    row_sample: torch.Tensor  # (N,) int64
-    sample_len: int  # positions per sample: row r lies in sample r // sample_len
-    counts: list[int]  # |M_i| per sample, on the host
-    counts_tensor: torch.Tensor  # (B,) fp32 on the device
-
-    def sample_sums(self, row_values: torch.Tensor, rows: torch.Tensor, first: int = 0, end: int | None = None):
-        """Σ_{r∈M_i} row_values_r for samples first … end − 1, whose masked rows (flat indices) are `rows`.
-
-        Deterministic, on CUDA too: each row is written once into a dense (samples, sample_len) buffer that is
-        then summed along each sample in a fixed order (no atomics, unlike index_add_)."""
-        end = len(self.counts) if end is None else end
-        dense = row_values.new_zeros((end - first) * self.sample_len)
-        dense[rows - first * self.sample_len] = row_values
-        return dense.view(end - first, self.sample_len).sum(dim=1)
-
-
-def _validate(hidden, weight, bias, targets, ignore_index) -> tuple[torch.Tensor, _MaskedRows]:
-    """Check hidden/weight/bias/targets; return the (V, H) head and the masked-row layout."""
+def _validate(hidden, weight, bias, targets, ignore_index, validate=True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check hidden/weight/bias/targets; return the (V, H) head and the targets as int64."""
     _check_zero3("weight", weight)
     _check_zero3("bias", bias)
     check_float_tensor(hidden, "hidden")
@@ -333,23 +329,52 @@ def _validate(hidden, weight, bias, targets, ignore_index) -> tuple[torch.Tensor
     for name, tensor in (("weight", weight), ("bias", bias), ("targets", targets)):
         if isinstance(tensor, torch.Tensor) and tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}: move it")
-    targets, counts = check_masked_targets(targets, hidden.shape[:-1], ignore_index, vocab)
-    return head, _masked_rows(targets, counts, ignore_index)
+    targets, _ = check_masked_targets(targets, hidden.shape[:-1], ignore_index, vocab, validate)
+    return head, targets
 
 
-def _masked_rows(targets: torch.Tensor, counts: torch.Tensor, ignore_index: int) -> _MaskedRows:
-    """The masked-row layout of validated int64 targets (B, L...) with |M_i| = counts (B,)."""
-    mask = (targets != ignore_index).reshape(-1)
-    row_index = mask.nonzero().squeeze(1)
-    sample_len = mask.numel() // targets.shape[0]
-    return _MaskedRows(
-        row_index=row_index,
-        row_targets=targets.reshape(-1)[row_index],
-        row_sample=row_index // sample_len,
-        sample_len=sample_len,
-        counts=counts.tolist(),
-        counts_tensor=counts.float(),
-    )
+def _check_options(chunk_rows, logits_dtype) -> None:
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int (rows per chunk) or None for the default, got {chunk_rows!r}")
+    if logits_dtype not in LOGITS_DTYPES:
+        raise ValueError(
+            f"logits_dtype must be one of {', '.join(map(str, LOGITS_DTYPES))} (the precision of the per-chunk "
+            f"logits), got {logits_dtype!r}"
+        )
+
+
+@dataclass
+class _Rows:
+    """The B·L rows of hidden.flatten(0, -2), sample-major: L = sample_len rows per sample."""
+
+    targets: torch.Tensor  # (B·L,) int64, 0 at unmasked rows (any valid id: their coefficient is 0)
+    masked: torch.Tensor  # (B, L) bool
+    counts: torch.Tensor  # (B,) fp32 |M_i|
+    sample_len: int
+
+    @classmethod
+    def of(cls, targets: torch.Tensor, ignore_index: int) -> "_Rows":
+        batch = targets.shape[0]
+        targets = targets.reshape(batch, -1)
+        masked = targets != ignore_index
+        return cls(
+            targets=torch.where(masked, targets, 0).reshape(-1), masked=masked,
+            counts=masked.sum(dim=1).float(), sample_len=targets.shape[1],
+        )
+
+    def sample_mean(self, row_values: torch.Tensor, first: int = 0, end: int | None = None) -> torch.Tensor:
+        """Σ_{r∈M_i} row_values_r / |M_i| for samples first … end − 1 (row_values: their rows, in order).
+
+        A fixed-order sum over the dense (samples, L) rows, zeros at unmasked positions: deterministic, and the
+        same reduction as the full-logits reference."""
+        masked = self.masked[first:end]
+        dense = torch.where(masked, row_values.view(masked.shape), 0.0)
+        return dense.sum(dim=1) / self.counts[first:end]
+
+    def row_coefficients(self, sample_values: torch.Tensor, first: int = 0, end: int | None = None) -> torch.Tensor:
+        """value_i / |M_i| on the masked rows of samples first … end − 1, 0 on the others: (rows,) fp32."""
+        masked = self.masked[first:end]
+        return (masked * (sample_values / self.counts[first:end])[:, None]).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,30 +382,21 @@ def _masked_rows(targets: torch.Tensor, counts: torch.Tensor, ignore_index: int)
 # ----------------------------------------------------------------------------------------------
 
 def _default_chunk_rows(n_rows: int, width: int, vocab: int) -> int:
-    """Rows per chunk so that a logits chunk holds about as many elements as the masked hidden rows
-    (Liger's rule), at least 256 rows so each matmul keeps the GPU busy."""
+    """Rows per chunk so that a logits chunk holds about as many elements as the hidden rows (Liger's rule), at
+    least 256 rows so each matmul keeps the GPU busy."""
     return max(256, triton.next_power_of_2(math.ceil(n_rows * width / vocab)))
 
 
-def _sample_chunks(counts: list[int], chunk_rows: int):
-    """Group whole consecutive samples into chunks of ≤ chunk_rows rows (a larger sample alone)."""
-    chunks, first_sample, first_row, rows = [], 0, 0, 0
-    for sample, count in enumerate(counts):
-        if rows and rows + count > chunk_rows:
-            chunks.append((first_sample, sample, first_row, first_row + rows))
-            first_sample, first_row, rows = sample, first_row + rows, 0
-        rows += count
-    chunks.append((first_sample, len(counts), first_row, first_row + rows))
-    return chunks
-
-
 class _Head:
-    """The head as matmul operands: half precision on CUDA (fp32 results), fp32 elsewhere."""
+    """The head as matmul operands: half precision on CUDA (fp32 results), fp32 elsewhere; logits of each
+    chunk in `logits_dtype` (fp32 by default)."""
 
-    def __init__(self, hidden: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, hidden: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None,
+                 logits_dtype: torch.dtype = torch.float32):
         compute_dtype = torch.promote_types(hidden.dtype, head.dtype)
         keep_half = _half_operands(hidden) and compute_dtype in (torch.bfloat16, torch.float16)
         self.dtype = compute_dtype if keep_half else torch.float32
+        self.logits_dtype = logits_dtype
         self.weight = head.to(self.dtype)  # (V, H)
         self.bias = None if bias is None else bias.float().contiguous()
 
@@ -397,31 +413,34 @@ class _Head:
             _addmm_half_fp32_out(out, a, b)
 
     def logits(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
-        """(n, H) → (n, V) fp32 h·Wᵀ; the row step adds the bias as it reads them."""
-        return self.mm(hidden_chunk, self.weight.t())
+        """(n, H) → (n, V) h·Wᵀ in logits_dtype; the row step adds the bias as it reads them."""
+        if self.logits_dtype == self.dtype != torch.float32:  # half operands, half result (fp32 accumulation)
+            return hidden_chunk.to(self.dtype) @ self.weight.t()
+        return self.mm(hidden_chunk, self.weight.t()).to(self.logits_dtype)
 
     def grad_buffer(self, logits: torch.Tensor) -> torch.Tensor:
-        """Where the row step writes D: over the fp32 logits, or a new buffer in the half matmul dtype."""
-        return logits if self.dtype == torch.float32 else torch.empty_like(logits, dtype=self.dtype)
+        """Where the row step writes D (in the matmul dtype): over the logits when they have that dtype, else a
+        new buffer."""
+        return logits if logits.dtype == self.dtype else torch.empty_like(logits, dtype=self.dtype)
 
 
 class _Grads:
     """The gradients asked for: hidden rows (each written once, in hidden's dtype), fp32 sums for W and b."""
 
-    def __init__(self, hidden, weight, bias, head: _Head, needs: tuple[bool, bool, bool]):
+    def __init__(self, hidden_rows, weight, bias, head: _Head, needs: tuple[bool, bool, bool]):
         self.needs_hidden, self.needs_weight, self.needs_bias = needs
-        self.input_layouts = [None if t is None else (t.shape, t.dtype) for t in (hidden, weight, bias)]
-        self.hidden = torch.zeros_like(hidden.flatten(0, -2)) if self.needs_hidden else None
+        self.layouts = [None if t is None else (t.shape, t.dtype) for t in (hidden_rows, weight, bias)]
+        self.device = hidden_rows.device
+        self.hidden = torch.empty_like(hidden_rows) if self.needs_hidden else None
         self.weight = torch.zeros_like(head.weight, dtype=torch.float32) if self.needs_weight else None
         self.bias = torch.zeros(head.weight.shape[0], device=head.weight.device) if self.needs_bias else None
 
-    def add_chunk(self, head: _Head, rows: torch.Tensor, hidden_chunk, d_logits, coef) -> None:
+    def add_chunk(self, head: _Head, rows: slice, hidden_chunk, d_logits, coef) -> None:
         """∂/∂logits = coef ⊙ D for the chunk rows: grad_h = coef ⊙ (D·W), grad_W += Dᵀ·(coef ⊙ h).
 
         d_logits: (n, V) D in the matmul dtype; coef: (n,) fp32."""
         if self.needs_hidden:
-            grad_chunk = head.mm(d_logits, head.weight).mul_(coef[:, None])
-            self.hidden.index_copy_(0, rows, grad_chunk.to(self.hidden.dtype))
+            self.hidden[rows] = head.mm(d_logits, head.weight).mul_(coef[:, None])
         if self.needs_weight:
             head.addmm_(self.weight, d_logits.t(), hidden_chunk.float() * coef[:, None])
         if self.needs_bias:
@@ -432,41 +451,25 @@ class _Grads:
                 coef_low = (coef - coef_high.float()).to(d_logits.dtype)
                 self.bias += head.mm(torch.stack([coef_high, coef_low]), d_logits).sum(0)
 
-    def for_inputs(self, scale: torch.Tensor | None = None) -> list:
-        """The gradients shaped and typed like hidden / weight / bias (None where not needed), times `scale`
-        (a grad_output) in fp32 first: W and b are rounded to their dtype once."""
+    def outputs(self, in_input_dtypes: bool, hidden_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(grad_hidden, grad_weight, grad_bias) shaped like the inputs; those not asked for are empty (0,).
+        grad_hidden is in hidden's dtype; W and b in theirs if in_input_dtypes, else their fp32 sums."""
         grads = []
-        for grad, layout in zip((self.hidden, self.weight, self.bias), self.input_layouts):
-            if grad is not None:
-                grad = grad if scale is None else grad.float() * scale.float()
-                grad = grad.reshape(layout[0]).to(layout[1])
-            grads.append(grad)
-        return grads
+        for grad, layout, shape in zip((self.hidden, self.weight, self.bias), self.layouts, (hidden_shape, None, None)):
+            if grad is None:
+                grads.append(torch.empty(0, device=self.device))
+                continue
+            grad = grad.reshape(shape if shape is not None else layout[0])
+            grads.append(grad.to(layout[1]) if in_input_dtypes else grad)
+        return tuple(grads)
 
 
-def _logprob_pass(hidden_rows, head: _Head, layout: _MaskedRows, row_step, chunk_rows) -> torch.Tensor:
-    """Per-sample mean log-prob (B,) fp32 of the masked rows; no gradient work."""
-    row_logp = torch.empty(len(layout.row_index), dtype=torch.float32, device=hidden_rows.device)
-    for start in range(0, len(layout.row_index), chunk_rows):
-        rows = layout.row_index[start:start + chunk_rows]
-        logits = head.logits(hidden_rows.index_select(0, rows))
-        lse, target_logit = row_step(logits, layout.row_targets[start:start + chunk_rows], head.bias, None)
-        row_logp[start:start + chunk_rows] = target_logit - lse
-        del logits  # free this chunk before the next one is allocated
-    return layout.sample_sums(row_logp, layout.row_index) / layout.counts_tensor
-
-
-def _grad_pass(hidden_rows, head: _Head, layout: _MaskedRows, row_step, chunk_rows, row_coef, grads: _Grads):
-    """Recompute each chunk's logits and accumulate the gradients for ∂/∂logits_r = row_coef_r·D_r."""
-    for start in range(0, len(layout.row_index), chunk_rows):
-        rows = layout.row_index[start:start + chunk_rows]
-        hidden_chunk = hidden_rows.index_select(0, rows)
-        logits = head.logits(hidden_chunk)
-        d_logits = head.grad_buffer(logits)
-        row_step(logits, layout.row_targets[start:start + chunk_rows], head.bias, d_logits)
-        del logits  # free the fp32 chunk (when D went to a half buffer) before the matmuls / next chunk
-        grads.add_chunk(head, rows, hidden_chunk, d_logits, row_coef[start:start + chunk_rows])
-        del d_logits
+def _chunk_passes(hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype):
+    """What every pass needs: (head, hidden rows (B·L, H), row layout, row step, rows per chunk)."""
+    head = _Head(hidden, _head_matrix(weight), bias, logits_dtype)
+    hidden_rows = hidden.reshape(-1, hidden.shape[-1])
+    rows = _Rows.of(targets, ignore_index)
+    return head, hidden_rows, rows, (_row_step_triton if use_triton else _row_step_torch), chunk_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,197 +499,301 @@ def _autocast_off(fn):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd functions
+# Custom ops (torch.library): fused linear + masked log-prob, two passes
 # ----------------------------------------------------------------------------------------------
 
-class MaskedTokenLogProbFunction(torch.autograd.Function):
-    """hidden (B, L..., H), weight (V, H[,1,1]), bias (V,) → mean masked log-prob (B,) fp32.
-
-    Two-pass: forward computes log-probs only; backward recomputes each chunk's logits.
-    """
-
-    @staticmethod
-    @_autocast_off
-    def forward(ctx, hidden, weight, bias, layout: _MaskedRows, row_step, chunk_rows: int):
-        head = _Head(hidden, _head_matrix(weight), bias)
-        logp = _logprob_pass(hidden.flatten(0, -2), head, layout, row_step, chunk_rows)
-        ctx.save_for_backward(hidden, weight, bias)
-        ctx.layout, ctx.row_step, ctx.chunk_rows = layout, row_step, chunk_rows
-        return logp
-
-    @staticmethod
-    @_autocast_off
-    def backward(ctx, grad_logp):
-        hidden, weight, bias = ctx.saved_tensors
-        layout = ctx.layout
-        # ∂logp_i/∂logits_r = (onehot − softmax)/|M_i| = −D_r/|M_i|.
-        row_coef = -(grad_logp.float() / layout.counts_tensor)[layout.row_sample]
-        head = _Head(hidden, _head_matrix(weight), bias)
-        grads = _Grads(hidden, weight, bias, head, ctx.needs_input_grad[:3])
-        _grad_pass(hidden.flatten(0, -2), head, layout, ctx.row_step, ctx.chunk_rows, row_coef, grads)
-        return (*grads.for_inputs(), None, None, None)
+@torch.library.custom_op("tgo_fast::masked_token_logprob", mutates_args=())
+@_autocast_off
+def masked_token_logprob_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+    ignore_index: int, use_triton: bool, chunk_rows: int, logits_dtype: torch.dtype,
+) -> torch.Tensor:
+    """hidden (B, L..., H), weight (V, H[,1,1]), bias (V,), targets int64 (B, L...) → mean masked log-prob (B,)
+    fp32, one matmul per row."""
+    head, hidden_rows, rows, row_step, chunk_rows = _chunk_passes(
+        hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype)
+    row_logp = torch.empty(hidden_rows.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden_rows.shape[0], chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        logits = head.logits(hidden_rows[chunk])
+        lse, target_logit = row_step(logits, rows.targets[chunk], head.bias, None)
+        row_logp[chunk] = target_logit - lse
+        del logits  # free this chunk before the next one is allocated
+    return rows.sample_mean(row_logp)
 
 
-class LogitsTokenLogProbFunction(torch.autograd.Function):
-    """Full logits (B, L..., V) → mean masked log-prob (B,) fp32 with the Triton row kernel.
-
-    Only the masked rows are read (a gathered fp32 copy, (N, V)); with a gradient the kernel writes
-    D = softmax − onehot over that copy, saved for backward: ∂logp_i/∂logits_r = −D_r/|M_i|, and the
-    unmasked rows get a zero gradient. This is ``tgo_masked_loss(..., impl="triton")``'s log-prob.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, layout: _MaskedRows, needs_grad: bool):
-        rows = logits.reshape(-1, logits.shape[-1]).index_select(0, layout.row_index).float()
-        lse, target_logit = _row_step_triton(rows, layout.row_targets, None, rows if needs_grad else None)
-        sums = layout.sample_sums(target_logit - lse, layout.row_index)
-        if needs_grad:
-            ctx.save_for_backward(rows)
-            ctx.layout, ctx.logits_shape, ctx.logits_dtype = layout, logits.shape, logits.dtype
-        return sums / layout.counts_tensor
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        (d_rows,) = ctx.saved_tensors
-        layout = ctx.layout
-        row_coef = -(grad_logp.float() / layout.counts_tensor)[layout.row_sample]
-        vocab = ctx.logits_shape[-1]
-        grad = torch.zeros((math.prod(ctx.logits_shape) // vocab, vocab), dtype=ctx.logits_dtype, device=d_rows.device)
-        grad.index_copy_(0, layout.row_index, (d_rows * row_coef[:, None]).to(ctx.logits_dtype))
-        return grad.view(ctx.logits_shape), None, None
+@masked_token_logprob_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
 
 
-def logprob_from_logits_triton(logits, targets, counts, ignore_index=-100):
-    """Mean masked log-prob per sample (B,) from full logits (B, L..., V), validated by the caller
-    (``counts`` = |M_i| from ``check_masked_targets``); differentiable in logits."""
-    layout = _masked_rows(targets, counts, ignore_index)
-    needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    return LogitsTokenLogProbFunction.apply(logits, layout, needs_grad)
+@torch.library.custom_op("tgo_fast::masked_token_logprob_backward", mutates_args=())
+@_autocast_off
+def masked_token_logprob_backward_op(
+    grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    targets: torch.Tensor, ignore_index: int, use_triton: bool, chunk_rows: int, logits_dtype: torch.dtype,
+    needs_hidden: bool, needs_weight: bool, needs_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recompute each chunk's logits; ∂logp_i/∂logits_r = (onehot − softmax)/|M_i| = −D_r/|M_i|.
+    Returns the gradients of hidden, weight, bias in their dtypes (empty (0,) where not needed)."""
+    head, hidden_rows, rows, row_step, chunk_rows = _chunk_passes(
+        hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype)
+    row_coef = rows.row_coefficients(-grad_logp.float())
+    grads = _Grads(hidden_rows, weight, bias, head, (needs_hidden, needs_weight, needs_bias))
+    for start in range(0, hidden_rows.shape[0], chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        hidden_chunk = hidden_rows[chunk]
+        logits = head.logits(hidden_chunk)
+        d_logits = head.grad_buffer(logits)
+        row_step(logits, rows.targets[chunk], head.bias, d_logits)
+        del logits  # free the chunk (when D went to another buffer) before the matmuls / next chunk
+        grads.add_chunk(head, chunk, hidden_chunk, d_logits, row_coef[chunk])
+        del d_logits
+    return grads.outputs(in_input_dtypes=True, hidden_shape=hidden.shape)
 
 
-def _tgo_step(implicit_score, scores, threshold, c):
-    """Per-sample TGO loss (reduction "none") and its derivative g_i = ∂ℓ_i/∂ŝ_i."""
-    with torch.enable_grad():
-        implicit_score = implicit_score.detach().requires_grad_(True)
-        loss, _, _ = tgo_objective(implicit_score, scores, threshold, c, "none")
-        (grad,) = torch.autograd.grad(loss.sum(), implicit_score)
-    return grad
+def _fake_grads(hidden, weight, bias, needs, grad_dtype=None):
+    """Fake gradients of (hidden, weight, bias): their shapes, in their dtypes (grad_dtype for W and b if
+    given), or empty (0,) where not needed."""
+    tensors = (hidden, weight, bias)
+    return tuple(
+        hidden.new_empty(0) if not need else
+        t.new_empty(t.shape, dtype=grad_dtype if (grad_dtype is not None and t is not hidden) else t.dtype)
+        for t, need in zip(tensors, needs)
+    )
 
 
-class FusedLinearMaskedTGOFunction(torch.autograd.Function):
-    """Single pass over chunks of whole samples; all gradients computed in forward.
+@masked_token_logprob_backward_op.register_fake
+def _(grad_logp, hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype,
+      needs_hidden, needs_weight, needs_bias):
+    return _fake_grads(hidden, weight, bias, (needs_hidden, needs_weight, needs_bias))
 
-    Returns (loss, policy_logp (B,), labels (B,), weights (B,)); only loss is differentiable and
-    reduction must be "mean" or "sum" (a scalar grad_output rescales the stored gradients).
-    """
 
-    @staticmethod
-    @_autocast_off
-    def forward(ctx, hidden, weight, bias, ref_logp, scores, threshold, beta, c, reduction,
-                layout: _MaskedRows, row_step, chunk_rows: int):
-        head = _Head(hidden, _head_matrix(weight), bias)
-        hidden_rows = hidden.flatten(0, -2)
-        grads = _Grads(hidden, weight, bias, head, ctx.needs_input_grad[:3])
-        n_samples = len(layout.counts)
-        per_sample = 1.0 / n_samples if reduction == "mean" else 1.0
-        policy_logp = torch.empty(n_samples, dtype=torch.float32, device=hidden.device)
+def _logprob_setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, *options = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets)
+    ctx.options = options
 
-        for first, end, row_start, row_end in _sample_chunks(layout.counts, chunk_rows):
-            rows = layout.row_index[row_start:row_end]
-            hidden_chunk = hidden_rows.index_select(0, rows)
-            logits = head.logits(hidden_chunk)
-            d_logits = head.grad_buffer(logits)
-            lse, target_logit = row_step(logits, layout.row_targets[row_start:row_end], head.bias, d_logits)
-            del logits  # free the fp32 chunk (when D went to a half buffer) before the matmuls / next chunk
-            sums = layout.sample_sums(target_logit - lse, rows, first, end)
-            policy_logp[first:end] = sums / layout.counts_tensor[first:end]
-            implicit = beta * (policy_logp[first:end] - ref_logp[first:end])
-            grad_implicit = _tgo_step(implicit, scores[first:end], threshold, c) * per_sample
-            # ∂ℓ/∂logits_r = g_i·β/|M_i|·(onehot − softmax) = coef_r·D_r.
-            sample_coef = -grad_implicit * beta / layout.counts_tensor[first:end]
-            row_coef = sample_coef[layout.row_sample[row_start:row_end] - first]
-            grads.add_chunk(head, rows, hidden_chunk, d_logits, row_coef)
-            del d_logits
 
-        loss, labels, weights = tgo_objective(beta * (policy_logp - ref_logp), scores, threshold, c, reduction)
-        ctx.grads = grads
-        ctx.mark_non_differentiable(policy_logp, labels, weights)
-        return loss, policy_logp, labels, weights
+def _logprob_backward(ctx, grad_logp):
+    hidden, weight, bias, targets = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    grads = masked_token_logprob_backward_op(grad_logp, hidden, weight, bias, targets, *ctx.options, *needs)
+    return (*(grad if need else None for grad, need in zip(grads, needs)), None, None, None, None, None)
 
-    @staticmethod
-    @_autocast_off
-    def backward(ctx, grad_loss, *_):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "backward ran twice through the single-pass fused TGO loss, whose gradients are computed in "
-                "forward and handed out once; use schedule='two_pass' to backpropagate more than once"
-            )
-        grads, ctx.grads = ctx.grads, None  # handed over, not copied (autograd may take the buffers)
-        scale = None if torch.equal(grad_loss, torch.ones_like(grad_loss)) else grad_loss
-        return (*grads.for_inputs(scale), *([None] * 9))
+
+masked_token_logprob_op.register_autograd(_logprob_backward, setup_context=_logprob_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op: the single pass (gradients in forward)
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("tgo_fast::fused_linear_masked_tgo", mutates_args=())
+@_autocast_off
+def fused_linear_masked_tgo_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+    ref_logp: torch.Tensor, scores: torch.Tensor, threshold: Optional[torch.Tensor], threshold_value: float,
+    beta: float, c: float, reduction: str, ignore_index: int, use_triton: bool, chunk_rows: int,
+    logits_dtype: torch.dtype, needs_hidden: bool, needs_weight: bool, needs_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over chunks of whole samples, all gradients in forward. τ is `threshold` (0-d) if given, else
+    threshold_value. reduction "mean" | "sum". Returns (loss, policy_logp, labels, weights, grad_hidden
+    (hidden's dtype), grad_weight (fp32), grad_bias (fp32)); gradients not needed are empty (0,)."""
+    tau = threshold if threshold is not None else threshold_value
+    head, hidden_rows, rows, row_step, chunk_rows = _chunk_passes(
+        hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype)
+    grads = _Grads(hidden_rows, weight, bias, head, (needs_hidden, needs_weight, needs_bias))
+    n_samples, sample_len = rows.masked.shape
+    per_sample = 1.0 / n_samples if reduction == "mean" else 1.0
+    samples_per_chunk = max(1, chunk_rows // sample_len)
+    policy_logp = torch.empty(n_samples, dtype=torch.float32, device=hidden.device)
+
+    for first in range(0, n_samples, samples_per_chunk):
+        end = min(n_samples, first + samples_per_chunk)
+        chunk = slice(first * sample_len, end * sample_len)
+        hidden_chunk = hidden_rows[chunk]
+        logits = head.logits(hidden_chunk)
+        d_logits = head.grad_buffer(logits)
+        lse, target_logit = row_step(logits, rows.targets[chunk], head.bias, d_logits)
+        del logits  # free the chunk (when D went to another buffer) before the matmuls / next chunk
+        policy_logp[first:end] = rows.sample_mean(target_logit - lse, first, end)
+        implicit = beta * (policy_logp[first:end] - ref_logp[first:end])
+        labels = labels_of(scores[first:end], tau).float()
+        weights = weights_of(scores[first:end], tau, c).float()
+        # ∂ℓ/∂logits_r = g_i·β/|M_i|·(onehot − softmax) = coef_r·D_r.
+        sample_coef = -tgo_score_gradient(implicit, labels, weights) * (beta * per_sample)
+        grads.add_chunk(head, chunk, hidden_chunk, d_logits, rows.row_coefficients(sample_coef, first, end))
+        del d_logits
+
+    loss, labels, weights = tgo_objective(beta * (policy_logp - ref_logp), scores, tau, c, reduction)
+    return (loss, policy_logp, labels, weights, *grads.outputs(in_input_dtypes=False, hidden_shape=hidden.shape))
+
+
+@fused_linear_masked_tgo_op.register_fake
+def _(hidden, weight, bias, targets, ref_logp, scores, threshold, threshold_value, beta, c, reduction,
+      ignore_index, use_triton, chunk_rows, logits_dtype, needs_hidden, needs_weight, needs_bias):
+    per_sample = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    return (hidden.new_empty((), dtype=torch.float32), per_sample, torch.empty_like(per_sample),
+            torch.empty_like(per_sample),
+            *_fake_grads(hidden, weight, bias, (needs_hidden, needs_weight, needs_bias), torch.float32))
+
+
+def _single_pass_setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    ctx.save_for_backward(*output[4:])
+    ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
+
+
+def _single_pass_backward(ctx, grad_loss, *_):
+    """The gradients computed in forward times the scalar grad_output, in fp32 before their one rounding."""
+    grads = [
+        (grad.float() * grad_loss).to(dtype) if need else None
+        for grad, dtype, need in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3])
+    ]
+    return (*grads, *([None] * 15))
+
+
+fused_linear_masked_tgo_op.register_autograd(_single_pass_backward, setup_context=_single_pass_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op: the row kernel on full logits (tgo_masked_loss(impl="triton"))
+# ----------------------------------------------------------------------------------------------
+
+def _logit_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B, L..., V) as (B·L, V) rows with a unit column stride (a copy only if no such view exists)."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
+@torch.library.custom_op("tgo_fast::logits_token_logprob", mutates_args=())
+def logits_token_logprob_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Full logits (B, L..., V) in any float dtype, targets int64 (B, L...) → mean masked log-prob (B,) fp32;
+    one read of the logits, no copy."""
+    rows = _Rows.of(targets, ignore_index)
+    lse, target_logit = _row_step_triton(_logit_rows(logits), rows.targets, None, None)
+    return rows.sample_mean(target_logit - lse)
+
+
+@logits_token_logprob_op.register_fake
+def _(logits, targets, ignore_index):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("tgo_fast::logits_token_logprob_backward", mutates_args=())
+def logits_token_logprob_backward_op(
+    grad_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """∂L/∂logits_r = −grad_logp_i/|M_i|·D_r on masked rows, 0 elsewhere, written by the row kernel in the
+    logits' dtype (one more read of the logits, one write)."""
+    rows = _Rows.of(targets, ignore_index)
+    logit_rows = _logit_rows(logits)
+    grad = torch.empty(logit_rows.shape, dtype=logits.dtype, device=logits.device)
+    _row_step_triton(logit_rows, rows.targets, None, grad, rows.row_coefficients(-grad_logp.float()))
+    return grad.view(logits.shape)
+
+
+@logits_token_logprob_backward_op.register_fake
+def _(grad_logp, logits, targets, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def _logits_setup_context(ctx, inputs, output):
+    logits, targets, ignore_index = inputs
+    ctx.save_for_backward(logits, targets)
+    ctx.ignore_index = ignore_index
+
+
+def _logits_backward(ctx, grad_logp):
+    logits, targets = ctx.saved_tensors
+    return logits_token_logprob_backward_op(grad_logp, logits, targets, ctx.ignore_index), None, None
+
+
+logits_token_logprob_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
+
+
+def logprob_from_logits_triton(logits, targets, ignore_index=-100):
+    """Mean masked log-prob per sample (B,) from full logits (B, L..., V) and validated int64 targets (B, L...);
+    differentiable in logits."""
+    return logits_token_logprob_op(logits, targets, ignore_index)
 
 
 # ----------------------------------------------------------------------------------------------
 # Functional entry points (tgo_fast.loss resolves impl; every other argument is validated here)
 # ----------------------------------------------------------------------------------------------
 
+def _needs_grad(*tensors) -> tuple[bool, ...]:
+    return tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors)
+
+
 def masked_token_logprob(hidden, weight, targets, *, bias=None, ignore_index=-100, use_triton=False,
-                         chunk_rows=None):
+                         chunk_rows=None, logits_dtype=torch.float32, validate=True):
     """Mean log-prob of the masked tokens per sample, without full logits.
 
     hidden (B, L..., H), weight (V, H) or (V, H, 1, 1), targets (B, L...) int with ignore_index at
     unmasked positions, bias (V,) or None → (B,) fp32. Differentiable (two-pass); under
-    ``torch.no_grad()`` it costs one matmul per masked row — the reference model's path.
+    ``torch.no_grad()`` it costs one matmul per row — the reference model's path.
+    chunk_rows: rows per chunk (default: a logits chunk about the size of the hidden rows, ≥ 256 rows);
+    logits_dtype: precision of the per-chunk logits (fp32 default; bf16/fp16 halve that buffer).
     """
-    head, layout = _validate(hidden, weight, bias, targets, ignore_index)
+    _check_options(chunk_rows, logits_dtype)
+    head, targets = _validate(hidden, weight, bias, targets, ignore_index, validate)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    chunk_rows = chunk_rows or _default_chunk_rows(len(layout.row_index), head.shape[1], head.shape[0])
-    row_step = _row_step_triton if use_triton else _row_step_torch
-    return MaskedTokenLogProbFunction.apply(hidden, weight, bias, layout, row_step, chunk_rows)
+    chunk_rows = chunk_rows or _default_chunk_rows(hidden.numel() // hidden.shape[-1], head.shape[1], head.shape[0])
+    return masked_token_logprob_op(hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype)
 
 
 def fused_linear_masked_loss(hidden, weight, targets, scores, threshold, *, bias=None, ref_logp,
                              beta=1.0, c=5.0, reduction="mean", ignore_index=-100, use_triton=False,
-                             return_stats=False, schedule="auto", chunk_rows=None):
+                             return_stats=False, schedule="auto", chunk_rows=None, logits_dtype=torch.float32,
+                             validate=True):
     """TGO loss of a masked-token model from hidden states and its output head (SPEC §2, §3).
 
     hidden (B, L..., H); weight (V, H) or aMUSEd's 1×1 Conv2d (V, H, 1, 1); targets (B, L...) int
-    (ignore_index at unmasked positions); scores (B,); threshold float; ref_logp (B,) reference
-    mean masked log-probs (``masked_token_logprob`` of the frozen model). Returns the loss (scalar,
+    (ignore_index at unmasked positions); scores (B,); threshold a number or a 0-d tensor; ref_logp (B,)
+    reference mean masked log-probs (``masked_token_logprob`` of the frozen model). Returns the loss (scalar,
     or (B,) for reduction "none"), and with ``return_stats`` a dict of detached (B,) fp32 tensors.
 
     schedule: "single_pass" (gradients in forward, chunks of whole samples), "two_pass" (backward
     recomputes the logits) or "auto" (single pass when a gradient is needed and reduction is
-    "mean"/"sum"). chunk_rows: masked rows per chunk (default: logits chunk ≈ hidden rows in size).
+    "mean"/"sum"). chunk_rows: rows per chunk (default: a logits chunk about the size of the hidden rows,
+    ≥ 256; a single-pass chunk holds at least one whole sample). logits_dtype: precision of the per-chunk
+    logits, torch.float32 (default) or torch.bfloat16 / torch.float16 (half the chunk memory; log-softmax
+    still accumulated in fp32). validate: value checks (``tgo_fast._validation``), never a host sync.
     """
     if schedule not in ("auto", "single_pass", "two_pass"):
         raise ValueError(f"schedule must be 'auto', 'single_pass' or 'two_pass', got {schedule!r}")
-    head, layout = _validate(hidden, weight, bias, targets, ignore_index)
-    n_samples = len(layout.counts)
+    _check_options(chunk_rows, logits_dtype)
+    head, targets = _validate(hidden, weight, bias, targets, ignore_index, validate)
+    n_samples = hidden.shape[0]
     check_float_tensor(ref_logp, "ref_logp")
     check_batch(ref_logp, "ref_logp", n_samples)
-    check_finite_values(ref_logp, "ref_logp", "the precomputed reference log-probs")
-    scores, threshold = check_common(scores, threshold, n_samples, hidden.device, beta=beta, c=c, reduction=reduction)
+    if validate:
+        check_finite_values(ref_logp, "ref_logp", "the precomputed reference log-probs")
+    scores, threshold = check_common(scores, threshold, n_samples, hidden.device, beta=beta, c=c,
+                                     reduction=reduction, validate=validate)
     ref_logp = ref_logp.detach().to(hidden.device, torch.float32)  # constants: no gradient into the reference
     scores = scores.to(torch.float32)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    chunk_rows = chunk_rows or _default_chunk_rows(len(layout.row_index), head.shape[1], head.shape[0])
-    row_step = _row_step_triton if use_triton else _row_step_torch
+    chunk_rows = chunk_rows or _default_chunk_rows(hidden.numel() // hidden.shape[-1], head.shape[1], head.shape[0])
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
+    needs = _needs_grad(hidden, weight, bias)
     if schedule == "single_pass" and reduction == "none":
         raise ValueError("schedule='single_pass' needs reduction 'mean' or 'sum'; use 'two_pass' for 'none'")
     if schedule == "auto":
-        schedule = "single_pass" if needs_grad and reduction != "none" else "two_pass"
+        schedule = "single_pass" if any(needs) and reduction != "none" else "two_pass"
 
     if schedule == "single_pass":
-        loss, policy_logp, labels, weights = FusedLinearMaskedTGOFunction.apply(
-            hidden, weight, bias, ref_logp, scores, threshold, beta, c, reduction, layout, row_step, chunk_rows
+        tau_tensor = threshold if isinstance(threshold, torch.Tensor) else None
+        tau_value = 0.0 if tau_tensor is not None else threshold
+        loss, policy_logp, labels, weights, *_ = fused_linear_masked_tgo_op(
+            hidden, weight, bias, targets, ref_logp, scores, tau_tensor, tau_value, float(beta), float(c), reduction,
+            ignore_index, use_triton, chunk_rows, logits_dtype, *needs,
         )
     else:
-        policy_logp = MaskedTokenLogProbFunction.apply(hidden, weight, bias, layout, row_step, chunk_rows)
+        policy_logp = masked_token_logprob_op(
+            hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype)
         loss, labels, weights = tgo_objective(beta * (policy_logp - ref_logp), scores, threshold, c, reduction)
     if not return_stats:
         return loss

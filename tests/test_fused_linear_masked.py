@@ -295,19 +295,16 @@ def test_row_kernel_matches_torch_step(monkeypatch, max_block, grad_kind, with_b
         assert torch.allclose(grad.float().sum(1), torch.zeros(rows), atol=tolerance * 10)  # Σ softmax − 1 = 0
 
 
-def test_backward_twice():
-    """Two-pass recomputes and can backpropagate twice; the single pass hands its gradients over once."""
+@pytest.mark.parametrize("schedule", ["single_pass", "two_pass"])
+def test_backward_twice(schedule):
+    """Two-pass recomputes; the single pass keeps its gradients saved (a custom op's saved tensors): both can
+    backpropagate twice with retain_graph, the second time adding the same gradient."""
     hidden, weight, bias, targets, scores, ref_logp = make_inputs(2, 6, 16, 50)
-    options = dict(bias=bias, ref_logp=ref_logp)
-    loss = fused_op(hidden, weight, targets, scores, 0.0, schedule="two_pass", **options)
+    loss = fused_op(hidden, weight, targets, scores, 0.0, schedule=schedule, bias=bias, ref_logp=ref_logp)
     loss.backward(retain_graph=True)
     once = weight.grad.clone()
     loss.backward()
     assert relative_rms(weight.grad, 2 * once) <= 1e-6
-    loss = fused_op(hidden, weight, targets, scores, 0.0, schedule="single_pass", **options)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="schedule='two_pass'"):
-        loss.backward()
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -355,20 +352,24 @@ def test_per_sample_sums_are_deterministic(monkeypatch, impl, schedule):
         assert torch.equal(first, second)
 
 
-def test_sample_sums_equal_the_dense_masked_sum():
-    """The per-sample sum of the masked rows is the reference's dense (B, L) sum with zeros at unmasked positions,
-    bit for bit, for all samples or a range of them (a single-pass chunk)."""
+def test_sample_means_equal_the_dense_masked_mean():
+    """The per-sample mean over the masked rows is the reference's: a dense (B, L) sum with zeros at unmasked
+    positions divided by |M_i|, bit for bit, for all samples or a range of them (a single-pass chunk); the row
+    coefficients are value_i/|M_i| on masked rows and exactly 0 elsewhere."""
     from tgo_fast.kernels import fused_linear_masked_loss as module
 
     _, _, _, targets, _, _ = make_inputs(5, 13, 8, 50)
-    counts = (targets != IGNORE).sum(1)
-    layout = module._masked_rows(targets, counts, IGNORE)
-    row_values = torch.randn(len(layout.row_index))
-    dense = torch.zeros(targets.numel()).index_put_((layout.row_index,), row_values).view(5, 13)
-    expected = torch.where(targets != IGNORE, dense, 0.0).sum(1)
-    assert torch.equal(layout.sample_sums(row_values, layout.row_index), expected)
-    in_range = (layout.row_sample >= 1) & (layout.row_sample < 4)
-    assert torch.equal(layout.sample_sums(row_values[in_range], layout.row_index[in_range], 1, 4), expected[1:4])
+    masked = targets != IGNORE
+    rows = module._Rows.of(targets, IGNORE)
+    row_values = torch.randn(targets.numel())
+    expected = torch.where(masked, row_values.view(5, 13), 0.0).sum(1) / masked.sum(1).float()
+    assert torch.equal(rows.sample_mean(row_values), expected)
+    assert torch.equal(rows.sample_mean(row_values[13:52], 1, 4), expected[1:4])
+    assert torch.equal(rows.targets, torch.where(masked, targets, 0).reshape(-1))
+    values = torch.randn(5)
+    coefficients = rows.row_coefficients(values).view(5, 13)
+    assert torch.equal(coefficients[~masked], torch.zeros(int((~masked).sum())))
+    assert torch.equal(coefficients, torch.where(masked, (values / masked.sum(1))[:, None], 0.0))
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

@@ -19,13 +19,14 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def labels_of(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """l = 1[s ≥ τ], compared in fp32 (fp64 scores in fp64), never in the scores' half precision."""
+def labels_of(scores: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """l = 1[s ≥ τ], compared in fp32 (fp64 scores in fp64), never in the scores' half precision; τ a number or
+    a 0-d tensor (rounded to the comparison dtype either way)."""
     dtype = compute_dtype(scores)
     return (scores.to(dtype) >= tau).to(dtype)
 
 
-def weights_of(scores: torch.Tensor, tau: float, c: float, scale: float = 1.0) -> torch.Tensor:
+def weights_of(scores: torch.Tensor, tau: float | torch.Tensor, c: float, scale: float = 1.0) -> torch.Tensor:
     """w = 1 + c·|s − τ| / scale."""
     distance = (scores.to(compute_dtype(scores)) - tau).abs()
     if scale != 1.0:
@@ -42,7 +43,7 @@ def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def tgo_objective(
-    implicit_score: torch.Tensor, scores: torch.Tensor, threshold: float, c: float, reduction: str
+    implicit_score: torch.Tensor, scores: torch.Tensor, threshold: float | torch.Tensor, c: float, reduction: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The TGO loss from per-sample implicit scores ŝ (B,): returns (loss, labels, weights).
 
@@ -53,6 +54,12 @@ def tgo_objective(
     weights = weights_of(scores, threshold, c).to(implicit_score.dtype)
     per_sample = weights * F.softplus((1.0 - 2.0 * labels) * implicit_score)
     return reduce(per_sample, reduction), labels, weights
+
+
+def tgo_score_gradient(implicit_score: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """∂ℓ_i/∂ŝ_i = w_i·(σ(ŝ_i) − l_i), per sample (B,): the gradient ``tgo_objective`` gets from autograd, for
+    the kernels that compute their gradients in forward (inside a custom op, where autograd does not run)."""
+    return weights * (torch.sigmoid(implicit_score) - labels)
 
 
 def sign_agreement(implicit_score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,19 @@
 
 Every check raises before any compute, with a message that names the argument, what was received and
 what is expected (SPEC §3).
+
+Shape, dtype and option checks read only metadata: they are free. Value checks (finite scores, τ and
+reference values; targets in range; a masked token per sample) read tensor data, and reading it on the host
+from a GPU tensor is a device→host synchronisation. So they never read device data on the host:
+
+- CPU tensors, eager: host checks, a ValueError that names the bad positions (no device to wait for);
+- CUDA tensors, or inside ``torch.compile``: ``torch._assert_async`` on the device, no synchronisation and
+  no graph break. A failure surfaces as a RuntimeError carrying the same message (CPU, compiled) or as a
+  CUDA device-side assert at the next synchronisation (which, as for any device-side assert, ends the
+  process's CUDA context: rerun the batch on CPU to see the positions).
+
+The losses take ``validate=False`` to skip the value checks altogether (about three tiny launches per
+checked tensor).
 """
 from __future__ import annotations
 
@@ -51,7 +64,18 @@ def check_choice(value, name: str, choices: Sequence) -> str:
     return value
 
 
-def as_score_tensor(scores, name: str, allow_empty: bool = False) -> torch.Tensor:
+def reads_values_on_host(tensor: torch.Tensor) -> bool:
+    """Whether value checks may read `tensor` on the host: a CPU tensor outside torch.compile (no device to
+    synchronise with, no graph to break); elsewhere they run on the device (``torch._assert_async``)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """Fail with `message` when the boolean tensor `condition` is False, without a host synchronisation."""
+    torch._assert_async(condition, message)
+
+
+def as_score_tensor(scores, name: str, allow_empty: bool = False, validate: bool = True) -> torch.Tensor:
     """Scores as a 1-D real tensor with finite values (integer ratings are accepted as they are)."""
     if not isinstance(scores, torch.Tensor):
         try:
@@ -64,9 +88,8 @@ def as_score_tensor(scores, name: str, allow_empty: bool = False) -> torch.Tenso
         raise ValueError(f"{name} must be 1-D (one score per sample), got shape {tuple(scores.shape)}")
     if scores.numel() == 0 and not allow_empty:
         raise ValueError(f"{name} is empty: the batch needs at least one sample")
-    if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
-        bad = torch.nonzero(~torch.isfinite(scores)).flatten()[:5].tolist()
-        raise ValueError(f"{name} must be finite; non-finite values at positions {bad}")
+    if validate and scores.is_floating_point():
+        check_finite_values(scores, name)
     return scores
 
 
@@ -96,22 +119,43 @@ def check_batch(tensor: torch.Tensor, name: str, batch: int) -> None:
         raise ValueError(f"{name} must have shape ({batch},) (one value per sample), got {tuple(tensor.shape)}")
 
 
-def check_finite_values(tensor: torch.Tensor, name: str, what: str) -> None:
-    """Every value of a precomputed float tensor (B,) is finite: a NaN would silently make the loss NaN."""
+def check_finite_values(tensor: torch.Tensor, name: str, what: str | None = None) -> None:
+    """Every value of a float tensor (scores, a precomputed reference (B,)) is finite: a NaN would silently
+    make the loss NaN. Host check with the positions on CPU, a device-side assert elsewhere (module docstring)."""
+    label = f"{name} ({what})" if what else name
+    advice = ": recompute them, or drop those samples from the batch" if what else ""
+    if not reads_values_on_host(tensor):
+        assert_on_device(torch.isfinite(tensor).all(), f"{label} must be finite; a value is NaN or inf{advice}")
+        return
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten()[:5].tolist()
-        raise ValueError(
-            f"{name} ({what}) must be finite; non-finite values at positions {bad}: recompute them, or drop those "
-            "samples from the batch"
-        )
+        raise ValueError(f"{label} must be finite; non-finite values at positions {bad}{advice}")
 
 
-def check_common(scores, threshold, batch: int, device, *, beta, c, reduction) -> tuple[torch.Tensor, float]:
-    """Validate the arguments every TGO loss takes; return scores on `device` and τ as a float."""
-    scores = as_score_tensor(scores, "scores")
+def check_threshold(threshold, device, validate: bool = True) -> float | torch.Tensor:
+    """τ as a Python float, or as a 0-d tensor where reading it would synchronise (on a GPU) or break a
+    compiled graph. A CPU tensor is read in eager mode (free); a device tensor is moved to `device`."""
+    if not isinstance(threshold, torch.Tensor) or reads_values_on_host(threshold):
+        return check_finite_number(threshold, "threshold")
+    if threshold.numel() != 1:
+        raise ValueError(f"threshold must be a single number, got a tensor of shape {tuple(threshold.shape)}")
+    if not threshold.is_floating_point():
+        raise TypeError(f"threshold must be a floating-point tensor or a number, got dtype {threshold.dtype}")
+    threshold = threshold.detach().reshape(()).to(device)
+    if validate:
+        assert_on_device(torch.isfinite(threshold), "threshold must be finite; it is NaN or inf")
+    return threshold
+
+
+def check_common(
+    scores, threshold, batch: int, device, *, beta, c, reduction, validate: bool = True
+) -> tuple[torch.Tensor, float | torch.Tensor]:
+    """Validate the arguments every TGO loss takes; return scores on `device` and τ (a float, or a 0-d tensor
+    on `device` when it came as a device tensor or under torch.compile: see ``check_threshold``)."""
+    scores = as_score_tensor(scores, "scores", validate=validate)
     check_batch(scores, "scores", batch)
-    threshold = check_finite_number(threshold, "threshold")
+    threshold = check_threshold(threshold, device, validate)
     check_positive(beta, "beta")
     check_nonnegative(c, "c")
     check_choice(reduction, "reduction", REDUCTIONS)
@@ -133,10 +177,10 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
 
 
 def check_masked_targets(
-    targets, batch_shape, ignore_index: int, num_classes: int | None = None
+    targets, batch_shape, ignore_index: int, num_classes: int | None = None, validate: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """targets (B, *) integer token ids of any width, ignore_index where not masked; every sample has a masked
-    position.
+    position (value checks as the module docstring says).
 
     Returns the targets as int64 (compared with ignore_index in int64: −100 is not representable in uint8, where
     it would wrap to 156) and the per-sample count of masked positions (B,).
@@ -149,18 +193,24 @@ def check_masked_targets(
         raise ValueError(f"targets must have shape {tuple(batch_shape)}, got {tuple(targets.shape)}")
     targets = targets.long()
     masked = targets != ignore_index
+    counts = masked.reshape(targets.shape[0], -1).sum(dim=1)
+    if not validate:
+        return targets, counts
+    range_message = f"targets hold ids outside [0, {num_classes}) that are not ignore_index={ignore_index}"
+    empty_message = (
+        f"have no masked position (every target is ignore_index={ignore_index}): their log-likelihood is "
+        "undefined; mask at least one token per sample"
+    )
+    if not reads_values_on_host(targets):
+        if num_classes is not None:
+            assert_on_device((~masked | ((targets >= 0) & (targets < num_classes))).all(), range_message)
+        assert_on_device((counts > 0).all(), "some sample(s) " + empty_message)
+        return targets, counts
     if num_classes is not None:
         out_of_range = masked & ((targets < 0) | (targets >= num_classes))
         if bool(out_of_range.any()):
-            bad = targets[out_of_range][:5].tolist()
-            raise ValueError(
-                f"targets hold ids {bad} outside [0, {num_classes}) that are not ignore_index={ignore_index}"
-            )
-    counts = masked.reshape(targets.shape[0], -1).sum(dim=1)
+            raise ValueError(f"{range_message}: {targets[out_of_range][:5].tolist()}")
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if empty:
-        raise ValueError(
-            f"sample(s) {empty[:10]} have no masked position (every target is ignore_index={ignore_index}): "
-            "their log-likelihood is undefined; mask at least one token per sample"
-        )
+        raise ValueError(f"sample(s) {empty[:10]} {empty_message}")
     return targets, counts

@@ -42,7 +42,7 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------- diffusion / flow (§2)
-def _check_diffusion(model_pred, ref_pred, target, ref_error, temperature):
+def _check_diffusion(model_pred, ref_pred, target, ref_error, temperature, validate):
     V.check_float_tensor(model_pred, "model_pred")
     V.check_float_tensor(target, "target")
     V.check_same_shape(target, "target", model_pred, "model_pred")
@@ -60,7 +60,8 @@ def _check_diffusion(model_pred, ref_pred, target, ref_error, temperature):
     else:
         V.check_float_tensor(ref_error, "ref_error")
         V.check_batch(ref_error, "ref_error", model_pred.shape[0])
-        V.check_finite_values(ref_error, "ref_error", "the precomputed reference errors")
+        if validate:
+            V.check_finite_values(ref_error, "ref_error", "the precomputed reference errors")
     for name, other in (("target", target), ("ref_pred", ref_pred), ("ref_error", ref_error)):
         if other is not None and other.device != model_pred.device:
             raise ValueError(f"{name} is on {other.device} but model_pred is on {model_pred.device}: move it")
@@ -99,6 +100,7 @@ def tgo_diffusion_loss(
     ref_error: torch.Tensor | None = None,
     impl: str = "auto",
     return_stats: bool = False,
+    validate: bool = True,
 ):
     """TGO loss of a diffusion / flow model.
 
@@ -107,17 +109,25 @@ def tgo_diffusion_loss(
         ref_pred: (B, *) reference prediction on the same noisy input, or None with ``ref_error``.
         target: (B, *) regression target of the parameterisation (noise, velocity, noise − x0).
         scores: (B,) scalar feedback s_i.
-        threshold: τ (see ``tgo_fast.threshold.percentile_threshold``).
+        threshold: τ (see ``tgo_fast.threshold.percentile_threshold``), a number or a 0-d tensor (on the device:
+            no host read).
         beta, temperature, c: β > 0, T > 0, c ≥ 0.
         reduction: "mean" | "sum" | "none" (per-sample (B,)).
         ref_error: (B,) precomputed e_ref (then ``ref_pred=None``).
         impl: "auto" | "torch" | "triton".
         return_stats: also return a dict of per-sample (B,) tensors: implicit_score, policy_error,
             reference_error, labels, weights, accuracy.
+        validate: check values (finite scores, τ and ref_error). Never a host synchronisation: a ValueError
+            naming the positions on CPU, a device-side assert on CUDA and under torch.compile
+            (``tgo_fast._validation``); False skips them (a few tiny launches).
+
+    No host synchronisation and no graph break with any arguments (the Triton path is the custom op
+    ``tgo_fast::diffusion_loss``): ``torch.compile(fullgraph=True)`` and CUDA graphs take it.
     """
-    _check_diffusion(model_pred, ref_pred, target, ref_error, temperature)
+    _check_diffusion(model_pred, ref_pred, target, ref_error, temperature, validate)
     scores, threshold = V.check_common(
-        scores, threshold, model_pred.shape[0], model_pred.device, beta=beta, c=c, reduction=reduction
+        scores, threshold, model_pred.shape[0], model_pred.device, beta=beta, c=c, reduction=reduction,
+        validate=validate,
     )
     if V.resolve_impl(impl, model_pred) == "triton":
         from .kernels.diffusion_loss import tgo_diffusion_loss_triton
@@ -168,6 +178,7 @@ def tgo_masked_loss(
     ref_logp: torch.Tensor | None = None,
     impl: str = "auto",
     return_stats: bool = False,
+    validate: bool = True,
 ):
     """TGO loss of a masked generative transformer from full logits (the readable reference).
 
@@ -176,9 +187,11 @@ def tgo_masked_loss(
         targets: (B, *) token ids at masked positions, ``ignore_index`` elsewhere (at least one per sample).
         Other arguments as ``tgo_diffusion_loss`` (no temperature here). Stats hold policy_logp / reference_logp.
 
-    ``impl="triton"`` computes the log-probs with the fused row kernel over the masked rows only (online
-    log-sum-exp, softmax − onehot written in place); the TGO step stays in PyTorch. The logits themselves
-    are the memory cost here: ``tgo_fused_linear_masked_loss`` avoids them.
+    ``impl="triton"`` computes the log-probs with the fused row kernel (the custom op
+    ``tgo_fast::logits_token_logprob``: one read of the logits in their dtype, online log-sum-exp; backward
+    writes coef·(softmax − onehot) in one more pass); the TGO step stays in PyTorch. The logits themselves
+    are the memory cost here: ``tgo_fused_linear_masked_loss`` avoids them. ``validate`` as
+    ``tgo_diffusion_loss`` (finite scores, τ and ref_logp; targets in range; a masked token per sample).
     """
     V.check_float_tensor(logits, "logits")
     if logits.dim() < 2:
@@ -194,13 +207,16 @@ def tgo_masked_loss(
     else:
         V.check_float_tensor(ref_logp, "ref_logp")
         V.check_batch(ref_logp, "ref_logp", logits.shape[0])
-        V.check_finite_values(ref_logp, "ref_logp", "the precomputed reference log-probs")
-    targets, counts = V.check_masked_targets(targets, logits.shape[:-1], ignore_index, logits.shape[-1])
-    scores, threshold = V.check_common(scores, threshold, logits.shape[0], logits.device, beta=beta, c=c, reduction=reduction)
+        if validate:
+            V.check_finite_values(ref_logp, "ref_logp", "the precomputed reference log-probs")
+    targets, _ = V.check_masked_targets(targets, logits.shape[:-1], ignore_index, logits.shape[-1], validate)
+    scores, threshold = V.check_common(
+        scores, threshold, logits.shape[0], logits.device, beta=beta, c=c, reduction=reduction, validate=validate
+    )
     if V.resolve_impl(impl, logits) == "triton":
         from .kernels.fused_linear_masked_loss import logprob_from_logits_triton
 
-        logprob = functools.partial(logprob_from_logits_triton, targets=targets, counts=counts, ignore_index=ignore_index)
+        logprob = functools.partial(logprob_from_logits_triton, targets=targets, ignore_index=ignore_index)
     else:
         logprob = functools.partial(logprob_from_logits, targets=targets, ignore_index=ignore_index)
 
@@ -232,6 +248,9 @@ def tgo_fused_linear_masked_loss(
     ignore_index: int = -100,
     impl: str = "auto",
     return_stats: bool = False,
+    chunk_rows: int | None = None,
+    logits_dtype: torch.dtype = torch.float32,
+    validate: bool = True,
 ):
     """TGO loss of a masked transformer straight from hidden states and the output head (no full logits).
 
@@ -239,6 +258,14 @@ def tgo_fused_linear_masked_loss(
         hidden: (B, L, H) hidden states before the head; weight: (V, H) head weight (a 1×1 conv's (V, H, 1, 1)
             is accepted); bias: (V,) or None; targets: (B, L); ref_logp: (B,) reference log-probs from
             ``masked_token_logprob`` of the reference model. Gradients flow to hidden, weight and bias.
+        chunk_rows: rows (token positions) per chunk; None picks Liger's rule (a logits chunk about the size
+            of the hidden states, at least 256 rows). The chunk's logits are the op's only V-sized buffer:
+            chunk_rows × V × 4 bytes in fp32. Chunks hold whole samples when gradients are computed in forward.
+        logits_dtype: precision of each chunk's logits: torch.float32 (default, exact log-softmax of fp32
+            h·Wᵀ) or torch.bfloat16 / torch.float16 (logits rounded once, as a half-precision head would
+            produce them; half the chunk memory; the log-sum-exp is still accumulated in fp32).
+        validate: as ``tgo_diffusion_loss`` (finite scores, τ and ref_logp; targets in range; a masked token
+            per sample), never a host synchronisation.
     """
     V.check_float_tensor(hidden, "hidden")
     use_triton = V.resolve_impl(impl, hidden) == "triton"
@@ -247,6 +274,7 @@ def tgo_fused_linear_masked_loss(
     return fused_linear_masked_loss(
         hidden, weight, targets, scores, threshold, bias=bias, ref_logp=ref_logp, beta=beta, c=c,
         reduction=reduction, ignore_index=ignore_index, use_triton=use_triton, return_stats=return_stats,
+        chunk_rows=chunk_rows, logits_dtype=logits_dtype, validate=validate,
     )
 
 
@@ -258,13 +286,20 @@ def masked_token_logprob(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
+    chunk_rows: int | None = None,
+    logits_dtype: torch.dtype = torch.float32,
+    validate: bool = True,
 ) -> torch.Tensor:
-    """Per-sample mean log-prob of the masked targets (B,), fp32, computed chunk by chunk without grad."""
+    """Per-sample mean log-prob of the masked targets (B,), fp32, computed chunk by chunk (differentiable; one
+    matmul per row under no_grad). chunk_rows, logits_dtype, validate: as ``tgo_fused_linear_masked_loss``."""
     V.check_float_tensor(hidden, "hidden")
     use_triton = V.resolve_impl(impl, hidden) == "triton"
     from .kernels.fused_linear_masked_loss import masked_token_logprob as _masked_token_logprob
 
-    return _masked_token_logprob(hidden, weight, targets, bias=bias, ignore_index=ignore_index, use_triton=use_triton)
+    return _masked_token_logprob(
+        hidden, weight, targets, bias=bias, ignore_index=ignore_index, use_triton=use_triton, chunk_rows=chunk_rows,
+        logits_dtype=logits_dtype, validate=validate,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- module
@@ -284,7 +319,8 @@ class TGOLoss(nn.Module):
     - "masked":              ``loss_fn(logits, ref_logits, targets, scores, ref_logp=None)``
     - "fused_linear_masked": ``loss_fn(hidden, weight, targets, scores, bias=None, ref_logp=...)``
 
-    plus ``return_stats=`` and any per-call keyword of the functional form.
+    plus ``return_stats=`` and any per-call keyword of the functional form. τ goes to the loss as the buffer
+    itself (fp64, on the module's device): no host read, so a compiled or CUDA-graphed step can hold it.
     """
 
     def __init__(
@@ -329,7 +365,7 @@ class TGOLoss(nn.Module):
         else:
             options["ignore_index"] = self.ignore_index
         options.update(kwargs)
-        return _FAMILIES[self.family](*inputs, threshold=float(self.threshold), **options)
+        return _FAMILIES[self.family](*inputs, threshold=self.threshold, **options)
 
     def extra_repr(self) -> str:
         return (
