@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from tgo_fast.rewards import check_reward_prompts, load_reward
+from tgo_fast.rewards import check_reward_prompts
 from tgo_fast.trainer import distributed as D
 
 from .generate import ModelSource, generate, run_base
+from .reward_specs import load_reward_spec, parse_reward_specs
 from .score import score
 from .shards import read_jsonl, write_atomically, write_jsonl_atomically
 
@@ -64,30 +65,29 @@ def evaluate(
 
     Every prompt is checked against every reward before anything is generated.
     """
-    rewards = list(rewards)
-    if not rewards or len(set(rewards)) != len(rewards):
-        raise ValueError(f"rewards: expected one or more distinct reward specs, got {rewards}")
+    specs = parse_reward_specs(list(rewards))
     if base is None:
         if policy.run is None:
             raise ValueError("base: the policy is not a trained run, so it has no base of its own; pass base=")
         base = run_base(policy.run)
-    for spec in rewards:
-        check_reward_prompts(load_reward(spec), prompts)
+    for spec in specs:
+        check_reward_prompts(load_reward_spec(spec, device=D.device()), prompts)
     out_dir = Path(out_dir)
     sampling = dict(images_per_prompt=images_per_prompt, seed=seed, guidance_scale=guidance_scale,
                     num_inference_steps=num_inference_steps, batch_size=batch_size, dtype=dtype)
     for name, source in zip(MODELS, (base, policy)):
         generate(source, prompts, out_dir / name, **sampling)
-        for spec in rewards:
-            score(out_dir / name / "manifest.jsonl", spec, _scores_path(out_dir / name, spec))
+        for spec in specs:
+            score(out_dir / name / "manifest.jsonl", spec.text, scores_path(out_dir / name, spec.name))
     if D.is_main():
-        _write_report(out_dir, rewards, num_before_after)
+        _write_report(out_dir, [spec.name for spec in specs], num_before_after)
     D.barrier()
     return json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
 
 
-def _scores_path(model_dir: Path, spec: str) -> Path:
-    return model_dir / f"scores_{re.sub(r'[^A-Za-z0-9_.-]+', '-', spec)}.jsonl"
+def scores_path(model_dir: Path, reward_name: str) -> Path:
+    """Where a model's images' scores under one reward go: ``<model_dir>/scores_<name>.jsonl``."""
+    return model_dir / f"scores_{re.sub(r'[^A-Za-z0-9_.-]+', '-', reward_name)}.jsonl"
 
 
 def _write_report(out_dir: Path, rewards: list[str], num_before_after: int) -> None:
@@ -105,7 +105,7 @@ def _collect_samples(out_dir: Path, rewards: list[str]) -> list[dict]:
     """One row per generated image of each model, with its score under every reward."""
     samples = []
     for name in MODELS:
-        scored = {spec: read_jsonl(_scores_path(out_dir / name, spec)) for spec in rewards}
+        scored = {spec: read_jsonl(scores_path(out_dir / name, spec)) for spec in rewards}
         for index, row in enumerate(read_jsonl(out_dir / name / "manifest.jsonl")):
             samples.append({"model": name, "prompt": row["prompt"], "seed": row["seed"],
                             "prompt_index": row["prompt_index"], "k": row["k"], "id": row["id"],

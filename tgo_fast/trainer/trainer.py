@@ -104,7 +104,7 @@ class Trainer:
             self.reward = load_reward(cfg.reward)
             if cfg.val_reward is None:
                 check_reward_prompts(self.reward, cfg.validation_prompts)
-        self.validation_reward = self.reward
+        self.validation_reward = None  # None: the validation images are scored by `reward`
         if cfg.val_reward is not None:  # its own scorer of the validation images, any spec (e.g. pickscore=PATH)
             from ..pipeline.reward_specs import load_reward_spec
             from ..rewards import check_reward_prompts
@@ -523,9 +523,10 @@ class Trainer:
         path.parent.mkdir(exist_ok=True)
         grid.save(path)
         self.metrics.add_image("validation", grid, step)
-        if self.validation_reward is None:
+        reward = self.reward if self.validation_reward is None else self.validation_reward
+        if reward is None:
             return {}
-        return {"validation_reward": float(score_images(self.validation_reward, images, prompts).mean())}
+        return {"validation_reward": float(score_images(reward, images, prompts).mean())}
 
     def _state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full policy state dict on rank 0 (gathered from the ZeRO-3 shards), None elsewhere."""
@@ -586,7 +587,7 @@ class Trainer:
         batches = iter(loader)
         progress = tqdm(total=cfg.max_steps, initial=self.start_step, desc="TGO" if cfg.loss == "tgo" else cfg.loss,
                         disable=not D.is_main(), dynamic_ncols=True)
-        if self.start_step == 0 and self.validation_reward is not None:  # the base's reward: where the curve starts
+        if self.start_step == 0 and (self.reward or self.validation_reward) is not None:  # the base's reward: where the curve starts
             before = self.validate(0)
             if D.is_main():
                 self.metrics.log({"step": 0, **before})
