@@ -127,9 +127,10 @@ def test_load_reward_builtin_and_dotted_path_are_the_same_function():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("", "expected 'builtin' or 'package.module:function'"),
-    ("tgo_fast.rewards", "'tgo_fast.rewards': expected 'builtin' or 'package.module:function'"),
-    ("tgo_fast.rewards:", "expected 'builtin' or 'package.module:function'"),
+    ("", "expected 'builtin', one of hpsv2, pickscore, imagereward, clip, aesthetic or 'package.module:function'"),
+    ("tgo_fast.rewards", "'tgo_fast.rewards': expected 'builtin', one of .* or 'package.module:function'"),
+    ("tgo_fast.rewards:", "expected 'builtin', one of .* or 'package.module:function'"),
+    ("HPSv2", "'HPSv2': expected 'builtin', one of hpsv2, .* or 'package.module:function'"),
     ("tgo_fast_no_such_module_x:score", "cannot import module 'tgo_fast_no_such_module_x': No module named"),
     ("tgo_fast.rewards:no_such_reward", "module 'tgo_fast.rewards' has no attribute 'no_such_reward'"),
     ("math:pi", "math.pi is a float, not callable"),
