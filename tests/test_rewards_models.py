@@ -586,6 +586,16 @@ def test_pickle_with_code_is_refused(tmp_path):
         load_reward("hpsv2", path)
 
 
+def test_command_line_spellings_of_dtype_batch_size_and_configs(imagereward_files, bert_tokenizer_dir, tmp_path):
+    folder, _ = imagereward_files
+    (tmp_path / "vit.json").write_text(json.dumps(VIT))
+    reward = load_reward("imagereward", str(folder), dtype="fp32", batch_size="3", tokenizer=str(bert_tokenizer_dir),
+                         vision_config=str(tmp_path / "vit.json"))
+    assert reward.dtype == torch.float32 and reward.batch_size == 3
+    with pytest.raises(ValueError, match="dtype 'fp8' is none of float32, fp32, float16"):
+        load_reward("imagereward", str(folder), dtype="fp8")
+
+
 def test_options_only_for_model_rewards():
     with pytest.raises(ValueError, match="'builtin': pretrained, tokenizer only apply to the model rewards"):
         load_reward("builtin", "x.pt", tokenizer="y")

@@ -51,6 +51,8 @@ MODEL_REWARDS = {
     "aesthetic": ("clip_family", "load_aesthetic", "sac+logos+ava1-l14-linearMSE.pth (file or folder; from "
                                                    "christophschuhmann/improved-aesthetic-predictor)"),
 }
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _SPEC_FORM = f"expected 'builtin', one of {', '.join(MODEL_REWARDS)} or 'package.module:function'"
 
 
@@ -62,7 +64,8 @@ def load_reward(name: str, pretrained: str | os.PathLike | None = None, *, devic
     other argument). A model name (``hpsv2``, ``pickscore``, ``imagereward``, ``clip``, ``aesthetic``) loads its
     official checkpoint from ``pretrained`` (a local path, or a hub id, downloaded only then) onto ``device`` in
     ``dtype`` and returns ``reward(images, prompts) -> (N,) float32 CPU tensor`` scoring ``batch_size`` pairs at
-    a time. ``options`` go to the loader: ``tokenizer=``/``model_config=`` (hpsv2), ``processor=`` (pickscore),
+    a time (``dtype`` may be spelled "fp16", "bf16", ...; ``batch_size`` may be a digit string, as a command line
+    gives them). ``options`` go to the loader: ``tokenizer=``/``model_config=`` (hpsv2), ``processor=`` (pickscore),
     ``med_config=``/``tokenizer=``/``vision_config=`` (imagereward), ``clip=`` (aesthetic).
     """
     if not isinstance(name, str) or not name.strip():
@@ -72,6 +75,12 @@ def load_reward(name: str, pretrained: str | os.PathLike | None = None, *, devic
         module_name, loader, what = MODEL_REWARDS[name]
         if pretrained is None:
             raise ValueError(f"reward {name!r}: pass pretrained= {what}")
+        if isinstance(dtype, str):  # command lines and configs spell it
+            if dtype.lower() not in _DTYPES:
+                raise ValueError(f"reward {name!r}: dtype {dtype!r} is none of {', '.join(_DTYPES)}")
+            dtype = _DTYPES[dtype.lower()]
+        if isinstance(batch_size, str) and batch_size.strip().isdigit():
+            batch_size = int(batch_size)
         module = importlib.import_module(f"{__name__}.{module_name}")
         return getattr(module, loader)(pretrained, device=device, dtype=dtype, batch_size=batch_size, **options)
     if pretrained is not None or options:

@@ -111,16 +111,21 @@ def _resolve_med_config(pretrained, checkpoint: Path, med_config) -> Path:
 
 
 def load_imagereward(pretrained: str | os.PathLike, *, med_config: str | os.PathLike | None = None,
-                     tokenizer: str | os.PathLike = "bert-base-uncased", vision_config: dict | None = None,
+                     tokenizer: str | os.PathLike = "bert-base-uncased",
+                     vision_config: dict | str | os.PathLike | None = None,
                      **kwargs) -> ImageRewardReward:
     """ImageReward from ``ImageReward.pt`` (file, folder or hub id ``THUDM/ImageReward``) and its ``med_config.json``
     (default: beside the checkpoint). ``tokenizer``: bert-base-uncased (folder or hub id), to which BLIP adds
-    ``[DEC]`` and ``[ENC]``; ``vision_config``: BlipVisionConfig sizes, default BLIP ViT-L/16 at 224 px."""
+    ``[DEC]`` and ``[ENC]``; ``vision_config``: BlipVisionConfig sizes (dict or JSON path), default BLIP ViT-L/16 at
+    224 px."""
     from transformers import BertTokenizer, BlipTextModel, BlipVisionConfig, BlipVisionModel
     path = resolve_file(pretrained, "ImageReward.pt", "imagereward")
     config_path = _resolve_med_config(pretrained, path, med_config)
     with open(config_path) as handle:
         med = json.load(handle)
+    if isinstance(vision_config, (str, os.PathLike)):
+        with open(vision_config) as handle:
+            vision_config = json.load(handle)
     vision_sizes = {**BLIP_VIT_LARGE, **(vision_config or {})}
     state = load_state_dict_file(path, "imagereward")
     text_model = BlipTextModel(_text_config(med, vision_sizes["hidden_size"], config_path), add_pooling_layer=False)
