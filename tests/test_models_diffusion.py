@@ -40,7 +40,7 @@ def assert_same_state(model_a, model_b):
 
 
 def test_registry_builds_each_family_and_rejects_unknown_names():
-    assert set(ADAPTERS) == {"sd15", "sdxl", "flux", "sd3", "amused", "meissonic"}
+    assert set(ADAPTERS) == {"sd15", "sdxl", "flux", "sd3", "wan", "amused", "meissonic"}
     with pytest.raises(ValueError, match="sd15"):
         build_adapter("sd4", None)
 

@@ -3,7 +3,9 @@
 One format, read through Hugging Face ``datasets``::
 
     prompt  str     the caption the image was generated from
-    image   str     path (absolute, or relative to the file holding the row), or bytes, or an HF Image
+    image   str     path (absolute, or relative to the file holding the row), or bytes, or an HF Image;
+                    for video models also a video file (.mp4, .webm, ... ; animated GIF/WebP) or a directory
+                    of frame images (sorted by file name): see :func:`load_clip`
     score   float   scalar feedback (human rating, reward model, ...); finite
     id      str     optional; default: the row's index in the loaded dataset, as str
     ...             any extra column is kept as is
@@ -40,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from PIL import Image as PILImage
+from PIL import ImageSequence
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -47,6 +50,8 @@ __all__ = [
     "collate_scored",
     "dataset_prompts",
     "dataset_scores",
+    "frame_indices",
+    "load_clip",
     "load_scored_dataset",
     "prepare_scored_example",
     "synthetic_caption",
@@ -272,8 +277,8 @@ def _check_text(value: Any, column: str, where: str, row: int) -> str:
 
 def _resolve_image_path(path: str, base_dir: Path, where: str, row: int) -> str:
     resolved = os.path.abspath(os.path.join(base_dir, os.path.expanduser(path)))
-    if not os.path.isfile(resolved):
-        raise _row_error(where, row, f"image file {resolved!r} does not exist")
+    if not (os.path.isfile(resolved) or os.path.isdir(resolved)):  # a directory: the frames of a clip
+        raise _row_error(where, row, f"image file (or frames directory) {resolved!r} does not exist")
     return resolved
 
 
@@ -685,15 +690,95 @@ def image_to_tensor(image: PILImage.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
 
 
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")  # decoded by diffusers' load_video (imageio)
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # the frames of a frames directory
+
+
+def load_clip(value: Any, resolution: int, *, num_frames: int | None = None, fps: int | None = None) -> torch.Tensor:
+    """A row's ``image`` value → pixels in [-1, 1], resized and centre-cropped like an image:
+    (3, R, R) for a still image, (3, F, R, R) for a clip (a video file, an animated GIF/WebP or a directory
+    of frame images sorted by file name).
+
+    A clip's frames are taken from its start at ``fps`` (every ``source_fps / fps``-th frame when the source
+    records its frame rate; every frame otherwise): ``num_frames`` of them, or all that fit when None.
+    A source that cannot be read, or that is too short for ``num_frames``, is a ValueError naming it.
+    """
+    value = (value.get("bytes") or value.get("path")) if isinstance(value, dict) else value
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if path is not None and os.path.isdir(path):
+        files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise ValueError(f"frames directory {path!r} holds no frame image ({', '.join(FRAME_SUFFIXES)})")
+        picked = frame_indices(len(files), None, num_frames=num_frames, fps=fps, where=path)
+        return torch.stack([_frame_tensor(files[i], resolution) for i in picked], dim=1)
+    if path is not None and path.lower().endswith(VIDEO_SUFFIXES):
+        frames, source_fps = _read_video(path)
+    else:
+        where = path or "image bytes"
+        try:
+            image = _to_pil(value)
+        except (OSError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"cannot read {where!r} as an image or a clip: {error}") from error
+        with image:
+            if getattr(image, "n_frames", 1) == 1:
+                return image_to_tensor(resize_center_crop(image, resolution))
+            duration = image.info.get("duration")  # ms per frame (GIF, WebP), read at the first frame
+            source_fps = 1000.0 / duration if duration else None
+            frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(image)]
+    picked = frame_indices(len(frames), source_fps, num_frames=num_frames, fps=fps, where=path or "image bytes")
+    return torch.stack([image_to_tensor(resize_center_crop(frames[i], resolution)) for i in picked], dim=1)
+
+
+def frame_indices(count: int, source_fps: float | None, *, num_frames: int | None, fps: int | None,
+                  where: str = "clip") -> list[int]:
+    """Indices of the frames of a ``count``-frame clip taken at ``fps``: ⌊k · source_fps / fps⌋ for k = 0, 1, …
+    (stride 1 when either rate is unknown), ``num_frames`` of them or all that fit."""
+    stride = source_fps / fps if source_fps and fps else 1.0
+    available = math.floor((count - 1) / stride) + 1
+    if num_frames is not None and num_frames > available:
+        at = f" at {fps} fps (source {source_fps:g} fps)" if stride != 1.0 else ""
+        raise ValueError(f"{where!r} gives {available} frames{at}, fewer than num_frames={num_frames}: "
+                         "use longer clips or a smaller num_frames")
+    return [math.floor(k * stride) for k in range(available if num_frames is None else num_frames)]
+
+
+def _frame_tensor(path: Path, resolution: int) -> torch.Tensor:
+    try:
+        with PILImage.open(path) as frame:
+            return image_to_tensor(resize_center_crop(frame, resolution))
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"cannot read frame {str(path)!r} as an image: {error}") from error
+
+
+def _read_video(path: str) -> tuple[list[PILImage.Image], float | None]:
+    """Every frame of a video file and its frame rate, through diffusers' ``load_video`` (imageio + ffmpeg)."""
+    try:
+        import imageio_ffmpeg  # noqa: F401  (load_video's decoder)
+    except ImportError as error:
+        raise ImportError(f"reading the video {path!r} needs imageio and imageio-ffmpeg: "
+                          "pip install 'tgo_fast[video]' (or give the clip as a directory of frames or a GIF)") from error
+    from diffusers.utils import load_video
+
+    try:
+        frames, source_fps = load_video(path, return_fps=True)
+    except Exception as error:  # imageio/ffmpeg raise several types for a corrupt or unsupported file
+        raise ValueError(f"cannot read the video {path!r}: {type(error).__name__}: {error}") from error
+    if not frames:
+        raise ValueError(f"the video {path!r} holds no frame")
+    return frames, source_fps
+
+
 class ScoredImageDataset(torch.utils.data.Dataset):
     """Map-style torch view of a scored ``datasets.Dataset``: decoded, resized, centre-cropped.
 
     ``dataset[i]`` -> ``{"index": i, "id": str, "prompt": str, "pixel_values": (3, R, R) float32 in
-    [-1, 1], "score": float}``. Deterministic (no random augmentation), so a cached latent for
-    index ``i`` stays valid across epochs and runs.
+    [-1, 1], "score": float}``; a clip row (video file, animated image, frames directory) gives
+    ``pixel_values`` (3, F, R, R), ``num_frames`` frames at ``fps`` (:func:`load_clip`). Deterministic (no
+    random augmentation), so a cached latent for index ``i`` stays valid across epochs and runs.
     """
 
-    def __init__(self, dataset: datasets.Dataset, resolution: int = 64):
+    def __init__(self, dataset: datasets.Dataset, resolution: int = 64, *, num_frames: int | None = None,
+                 fps: int | None = None):
         if isinstance(dataset, datasets.IterableDataset):
             raise TypeError("dataset: ScoredImageDataset needs a map-style datasets.Dataset; load with "
                             "streaming=False, or map the transform over the IterableDataset yourself")
@@ -702,8 +787,15 @@ class ScoredImageDataset(torch.utils.data.Dataset):
         _check_columns(dataset.column_names, "dataset")
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
             raise ValueError(f"resolution: expected a positive int, got {resolution!r}")
+        for name, value in (("num_frames", num_frames), ("fps", fps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+        image_feature = dataset.features.get("image")
+        if isinstance(image_feature, datasets.Image) and image_feature.decode:  # load_clip decodes (videos too)
+            dataset = dataset.cast_column("image", datasets.Image(decode=False))
         self.dataset = dataset
         self.resolution = resolution
+        self.num_frames, self.fps = num_frames, fps
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -713,31 +805,36 @@ class ScoredImageDataset(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} samples")
         index %= len(self)
-        return prepare_scored_example(self.dataset[index], index, self.resolution)
+        return prepare_scored_example(self.dataset[index], index, self.resolution, num_frames=self.num_frames,
+                                      fps=self.fps)
 
 
-def prepare_scored_example(row: dict[str, Any], index: int, resolution: int) -> dict[str, Any]:
+def prepare_scored_example(row: dict[str, Any], index: int, resolution: int, *, num_frames: int | None = None,
+                           fps: int | None = None) -> dict[str, Any]:
     """One row of a scored dataset -> the ``ScoredImageDataset`` item (for streams, row by row)::
 
         for i, row in enumerate(load_scored_dataset(src, streaming=True)):
             item = prepare_scored_example(row, i, 512)
     """
-    with _to_pil(row["image"]) as image:
-        pixel_values = image_to_tensor(resize_center_crop(image, resolution))
     return {
         "index": index,
         "id": str(row["id"]) if row.get("id") is not None else str(index),
         "prompt": row["prompt"],
-        "pixel_values": pixel_values,
+        "pixel_values": load_clip(row["image"], resolution, num_frames=num_frames, fps=fps),
         "score": float(row["score"]),
     }
 
 
 def collate_scored(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``ScoredImageDataset`` items: index (B,) int64, id/prompt lists, pixel_values (B, 3, R, R),
-    score (B,) float64."""
+    """Stack ``ScoredImageDataset`` items: index (B,) int64, id/prompt lists, pixel_values (B, 3, R, R) (or clips
+    (B, 3, F, R, R)), score (B,) float64."""
     if len(examples) == 0:
         raise ValueError("examples: cannot collate an empty batch")
+    shapes = sorted({tuple(e["pixel_values"].shape) for e in examples})
+    if len(shapes) > 1:
+        raise ValueError(f"examples: pixel_values of shapes {shapes} cannot be batched: the batch mixes images and "
+                         "clips or clips of different lengths; set num_frames (ScoredImageDataset) or keep images "
+                         "and videos in separate datasets")
     return {
         "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
         "id": [e["id"] for e in examples],

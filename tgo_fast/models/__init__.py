@@ -22,6 +22,7 @@ ADAPTERS: dict[str, str] = {
     "sdxl": "tgo_fast.models.sd:SDXLAdapter",
     "flux": "tgo_fast.models.flux:FluxAdapter",
     "sd3": "tgo_fast.models.sd3:SD3Adapter",
+    "wan": "tgo_fast.models.wan:WanAdapter",
     "amused": "tgo_fast.models.amused:AmusedAdapter",
     "meissonic": "tgo_fast.models.meissonic:MeissonicAdapter",
 }

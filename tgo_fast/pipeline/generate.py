@@ -7,8 +7,10 @@
 Output directory::
 
     images/<prompt_index>_<k>.png
+    videos/<prompt_index>_<k>.gif      video families (wan): the clip (its image is the frame grid)
     manifest.jsonl      one row per image, in (prompt_index, k) order:
                         {"id": "<prompt_index>_<k>", "prompt", "prompt_index", "k", "seed", "image": "images/..."}
+                        (+ "video": "videos/..." for video families)
     shards/             finished chunks and job.json (see tgo_fast.pipeline.shards)
 
 Image k of prompt i is drawn with the seed :func:`image_seed` (seed, i, k): the same prompt list, seed and
@@ -217,13 +219,29 @@ class _ChunkDrawer:
         rows = [{"id": f"{index}_{k}", "prompt": self.prompts[index], "prompt_index": index, "k": k,
                  "seed": image_seed(self.seed, index, k), "image": f"images/{index}_{k}.png"} for index, k in items]
         adapter, backbone = self.sampler
-        images = adapter.generate(backbone, [row["prompt"] for row in rows], seeds=[row["seed"] for row in rows],
-                                  **self.call_kwargs)
+        prompts, seeds = [row["prompt"] for row in rows], [row["seed"] for row in rows]
+        if hasattr(adapter, "generate_clips"):  # video families: the image is the clip's frame grid
+            images = self._draw_clips(adapter, backbone, rows, prompts, seeds)
+        else:
+            images = adapter.generate(backbone, prompts, seeds=seeds, **self.call_kwargs)
         for row, image in zip(rows, images):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             write_atomically(self.out_dir / row["image"], buffer.getvalue())
         return rows
+
+    def _draw_clips(self, adapter, backbone, rows: list[dict], prompts: list[str], seeds: list[int]) -> list:
+        """Each clip as ``videos/<id>.gif`` (the row's ``video``); returns their frame grids."""
+        from tgo_fast.models.wan import frame_grid, save_clip
+
+        clips = adapter.generate_clips(backbone, prompts, seeds=seeds, **self.call_kwargs)
+        for row, frames in zip(rows, clips):
+            row["video"] = f"videos/{row['id']}.gif"
+            path = self.out_dir / row["video"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = save_clip(frames, path.with_name(f".{path.stem}.partial.gif"), fps=adapter.fps)
+            os.replace(partial, path)
+        return [frame_grid(frames) for frames in clips]
 
 
 def _digest(prompts: list[str]) -> str:

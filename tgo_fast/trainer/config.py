@@ -35,7 +35,7 @@ __all__ = [
     "DEFAULT_VALIDATION_PROMPTS",
 ]
 
-MODELS = ("sd15", "sdxl", "flux", "sd3", "amused", "meissonic")
+MODELS = ("sd15", "sdxl", "flux", "sd3", "wan", "amused", "meissonic")
 LOSSES = ("tgo", "sft", "kto")
 REF_MODES = ("separate", "lora", "precomputed")
 REF_UPDATES = ("none", "epoch")
@@ -44,20 +44,23 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 IMPLS = ("auto", "torch", "triton")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # tgo_fast.models.sd
-WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")  # tgo_fast.models.flux
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")  # tgo_fast.models.flux, tgo_fast.models.wan
 SD3_WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")  # tgo_fast.models.sd3
-DEFAULT_WEIGHTING_SCHEME = {"flux": "none", "sd3": "logit_normal"}  # the adapters' defaults
+DEFAULT_WEIGHTING_SCHEME = {"flux": "none", "sd3": "logit_normal", "wan": "none"}  # the adapters' defaults
 # Family options: run-config key → the families whose adapter takes it (as a keyword of the same name).
 MODEL_OPTIONS = {
     "revision": MODELS,
     "variant": MODELS,
     "prediction_type": ("sd15", "sdxl"),
     "guidance_scale": ("flux",),
-    "weighting_scheme": ("flux", "sd3"),
-    "logit_mean": ("flux", "sd3"),
-    "logit_std": ("flux", "sd3"),
-    "mode_scale": ("flux", "sd3"),
-    "max_sequence_length": ("flux", "sd3"),
+    "weighting_scheme": ("flux", "sd3", "wan"),
+    "logit_mean": ("flux", "sd3", "wan"),
+    "logit_std": ("flux", "sd3", "wan"),
+    "mode_scale": ("flux", "sd3", "wan"),
+    "max_sequence_length": ("flux", "sd3", "wan"),
+    "num_frames": ("wan",),
+    "fps": ("wan",),
+    "flow_shift": ("wan",),
 }
 
 DEFAULT_VALIDATION_PROMPTS = (  # the synthetic world's full caption form, so the built-in reward can score them
@@ -71,7 +74,7 @@ class TrainConfig:
     """Every key of a run YAML (defaults = ``configs/tiny.yaml``, the embedded default run)."""
 
     # --- model
-    model: str = "sd15"  # family: sd15 | sdxl | flux | sd3 | amused | meissonic
+    model: str = "sd15"  # family: sd15 | sdxl | flux | sd3 | wan | amused | meissonic
     pretrained: str | None = None  # hub id or local dir; "builtin" = the shipped tiny pretrained base; None = tiny random-init
     resolution: int | None = 32  # pixel side; None = the adapter's default
     # family options (MODEL_OPTIONS; None = the family's default, see docs/models.md)
@@ -79,11 +82,14 @@ class TrainConfig:
     variant: str | None = None  # weight file variant of `pretrained`, e.g. fp16
     prediction_type: str | None = None  # sd15/sdxl: epsilon | v_prediction; None = the scheduler's
     guidance_scale: float | None = None  # flux: training guidance embedding (guidance-distilled checkpoints), 3.5
-    weighting_scheme: str | None = None  # flux: none | logit_normal | mode (None = none); sd3: also cosmap | sigma_sqrt (None = logit_normal)
-    logit_mean: float | None = None  # flux/sd3, logit_normal: 0.0
-    logit_std: float | None = None  # flux/sd3, logit_normal: 1.0
-    mode_scale: float | None = None  # flux/sd3, mode: 1.29
-    max_sequence_length: int | None = None  # flux/sd3: T5 tokens; None = min(the tokenizer's length, 512 / 256)
+    weighting_scheme: str | None = None  # flux/wan: none | logit_normal | mode (None = none); sd3: also cosmap | sigma_sqrt (None = logit_normal)
+    logit_mean: float | None = None  # flux/sd3/wan, logit_normal: 0.0
+    logit_std: float | None = None  # flux/sd3/wan, logit_normal: 1.0
+    mode_scale: float | None = None  # flux/sd3/wan, mode: 1.29
+    max_sequence_length: int | None = None  # flux/sd3/wan: T5 tokens; None = min(the tokenizer's length, 512 / 256 / 512)
+    num_frames: int | None = None  # wan: clip length 1 + 4k of generation and video data; None = 81 (tiny model: 5)
+    fps: int | None = None  # wan: frame rate of video data and written clips; None = 16
+    flow_shift: float | None = None  # wan: σ shift of training timesteps and sampler; None = the scheduler's (3.0)
     # --- data
     data: str | None = None  # jsonl/csv/parquet file, glob or saved HF dataset; None/"builtin" = synthetic
     builtin_num_samples: int = 64  # size of the built-in synthetic set
@@ -235,6 +241,14 @@ class TrainConfig:
             _positive("logit_std", self.logit_std)
         if self.max_sequence_length is not None:
             _at_least("max_sequence_length", self.max_sequence_length, 1)
+        for name in ("num_frames", "fps"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        if self.num_frames is not None and (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 1 + 4·k (Wan's VAE compresses time 4×), e.g. 1, 5, 17, 81; "
+                             f"got {self.num_frames}")
+        if self.flow_shift is not None:
+            _positive("flow_shift", self.flow_shift)
 
     def model_options(self) -> dict[str, Any]:
         """The family options that are set: keyword arguments of the model's adapter (``build_adapter``)."""

@@ -1,11 +1,11 @@
 """The final export in the formats diffusers loads.
 
-``save_pipeline``: for the families with a diffusers pipeline (SD1.5, SDXL, FLUX, SD3), a pipeline folder that
+``save_pipeline``: for the families with a diffusers pipeline (SD1.5, SDXL, FLUX, SD3, Wan), a pipeline folder that
 ``DiffusionPipeline.from_pretrained`` loads, with the trained backbone; ``merge_lora`` folds trained LoRA
 factors into the backbone weights for it.
 
 ``save_lora``: the LoRA factors alone, which ``pipeline.load_lora_weights(dir)`` loads for the families whose
-pipeline has a LoRA loader (SD1.5, SDXL, FLUX, SD3), ``backbone.load_lora_adapter(dir, prefix=...)`` for all.
+pipeline has a LoRA loader (SD1.5, SDXL, FLUX, SD3, Wan), ``backbone.load_lora_adapter(dir, prefix=...)`` for all.
 
 The safetensors header carries the adapter metadata (r, lora_alpha, target_modules) under diffusers'
 ``lora_adapter_metadata`` key, so both loaders rebuild the trained scaling alpha / r (without it diffusers
@@ -26,6 +26,7 @@ _PIPELINE_LORA = {
     "sdxl": ("StableDiffusionXLPipeline", "unet"),
     "flux": ("FluxPipeline", "transformer"),
     "sd3": ("StableDiffusion3Pipeline", "transformer"),
+    "wan": ("WanPipeline", "transformer"),
 }
 
 
