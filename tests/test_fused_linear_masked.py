@@ -410,3 +410,56 @@ def test_single_pass_scales_half_gradients_in_fp32():
     sums = torch.autograd.grad(loss_fp32, twins[1:])
     for grad, fp32_sum in zip(grads, sums):
         assert torch.equal(grad, (fp32_sum * grad_output).bfloat16())
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("schedule", ["single_pass", "two_pass"])
+def test_bf16_logits_equal_the_reference_on_bf16_rounded_logits(impl, schedule):
+    """logits_dtype=torch.bfloat16 rounds each chunk's h·Wᵀ to bf16 once (the bias is added in fp32 as the row
+    step reads them) and does the rest in fp32: loss, log-probs and gradients equal the full-logits reference on
+    those rounded logits to fp32 rounding (1e-6), while the fp32 default differs from it by ~1e-4."""
+    hidden, weight, bias, targets, scores, ref_logp = make_inputs(3, 13, 37, 301)
+    weight = (3 * weight.detach()).requires_grad_()  # logits of a few units: bf16 rounding is visible
+    params = (hidden, weight, bias)
+    logits = hidden @ weight.t()
+    logits = logits + (logits.bfloat16().float() - logits).detach() + bias  # rounded; the fp32 gradient passes
+    expected_loss, expected = tgo_masked_loss(logits, None, targets, scores, 0.0, ref_logp=ref_logp, return_stats=True)
+    expected_grads = torch.autograd.grad(expected_loss, params)
+    options = dict(bias=bias, ref_logp=ref_logp, return_stats=True, chunk_rows=7)
+    loss, stats = fused_op(hidden, weight, targets, scores, 0.0, use_triton=impl == "triton", schedule=schedule,
+                           logits_dtype=torch.bfloat16, **options)
+    grads = torch.autograd.grad(loss, params)
+    assert relative_rms(loss, expected_loss) <= 1e-6
+    assert relative_rms(stats["policy_logp"], expected["policy_logp"]) <= 1e-6
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert relative_rms(grad, expected_grad) <= 1e-5
+    _, fp32_stats = tgo_fused_linear_masked_loss(hidden, weight, targets, scores, 0.0, impl=impl, **options)
+    assert relative_rms(fp32_stats["policy_logp"], expected["policy_logp"]) > 1e-5  # the option does something
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 13, 1000])
+def test_public_chunk_rows_option(chunk_rows):
+    """chunk_rows on the public functions changes the chunking, never the result (fp32 rounding)."""
+    hidden, weight, bias, targets, scores, ref_logp = make_inputs(3, 13, 37, 301)
+    results = []
+    for rows in (None, chunk_rows):
+        loss = tgo_fused_linear_masked_loss(hidden, weight, targets, scores, 0.0, bias=bias, ref_logp=ref_logp,
+                                            chunk_rows=rows)
+        with torch.no_grad():
+            logp = masked_token_logprob(hidden, weight, targets, bias=bias, chunk_rows=rows)
+        results.append((loss, logp, *torch.autograd.grad(loss, (hidden, weight, bias))))
+    for default, chunked in zip(*results):
+        assert relative_rms(chunked, default) <= 1e-6
+
+
+@pytest.mark.parametrize("option, pattern", [
+    (dict(chunk_rows=0), "chunk_rows must be a positive int"),
+    (dict(chunk_rows=2.5), "chunk_rows must be a positive int"),
+    (dict(logits_dtype=torch.float64), "logits_dtype must be one of"),
+])
+def test_bad_options(option, pattern):
+    hidden, weight, bias, targets, scores, ref_logp = make_inputs(2, 6, 16, 50)
+    with pytest.raises(ValueError, match=pattern):
+        tgo_fused_linear_masked_loss(hidden, weight, targets, scores, 0.0, ref_logp=ref_logp, **option)
+    with pytest.raises(ValueError, match=pattern):
+        masked_token_logprob(hidden, weight, targets, **option)

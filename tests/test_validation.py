@@ -148,3 +148,46 @@ def test_non_finite_reference_values_are_rejected_on_every_path(impl, bad):
     hidden, weight = torch.randn(2, 5, 4), torch.randn(7, 4)
     with pytest.raises(ValueError, match=r"ref_logp \(the precomputed reference log-probs\) must be finite.*\[0\]"):
         tgo_fused_linear_masked_loss(hidden, weight, targets, scores, tau, ref_logp=ref_logp, impl=impl)
+
+
+def test_validate_false_skips_the_value_checks_only():
+    """validate=False: no value checks (a NaN score gives a NaN loss, the caller's choice), shape checks stay."""
+    pred, ref, target, scores, tau = diffusion_args()
+    scores = torch.tensor([0.1, math.nan, 0.3])
+    loss = tgo_diffusion_loss(pred, ref, target, scores, tau, reduction="none", validate=False)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    with pytest.raises(ValueError, match="scores must have shape"):
+        tgo_diffusion_loss(pred, ref, target, torch.rand(4), tau, validate=False)
+    logits, ref_logits, targets, scores, tau = masked_args()
+    ref_logp = torch.tensor([math.nan, -1.0])
+    loss = tgo_masked_loss(logits, None, targets, scores, tau, ref_logp=ref_logp, reduction="none", validate=False)
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+
+
+@pytest.mark.parametrize("bad_threshold, pattern", [
+    (torch.tensor(math.nan), "threshold must be finite"),
+    (torch.tensor([0.5, 0.6]), r"threshold must be a single number, got a tensor of shape \(2,\)"),
+])
+def test_threshold_tensors_are_checked(bad_threshold, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        tgo_diffusion_loss(*diffusion_args()[:4], bad_threshold)
+
+
+def test_value_checks_on_device_name_the_problem(monkeypatch):
+    """Where values cannot be read on the host (CUDA tensors, torch.compile) the checks are device asserts with the
+    same messages; forced here on CPU tensors, where torch._assert_async raises at once."""
+    from tgo_fast import _validation
+
+    monkeypatch.setattr(_validation, "reads_values_on_host", lambda tensor: False)
+    pred, ref, target, _, tau = diffusion_args()
+    with pytest.raises(RuntimeError, match="scores must be finite"):
+        tgo_diffusion_loss(pred, ref, target, torch.tensor([0.1, math.nan, 0.3]), tau)
+    with pytest.raises(RuntimeError, match="threshold must be finite"):
+        tgo_diffusion_loss(pred, ref, target, torch.rand(3), torch.tensor(math.inf))
+    with pytest.raises(RuntimeError, match=r"ref_error \(the precomputed reference errors\) must be finite"):
+        tgo_diffusion_loss(pred, None, target, torch.rand(3), tau, ref_error=torch.tensor([0.1, math.nan, 0.2]))
+    logits, ref_logits, targets, scores, tau = masked_args()
+    with pytest.raises(RuntimeError, match="have no masked position"):
+        tgo_masked_loss(logits, ref_logits, torch.full_like(targets, -100), scores, tau)
+    with pytest.raises(RuntimeError, match=r"outside \[0, 7\)"):
+        tgo_masked_loss(logits, ref_logits, torch.full_like(targets, 7), scores, tau)
