@@ -78,7 +78,7 @@ def test_unknown_yaml_key_is_named(tmp_path):
     "key, value, message",
     [
         ("ref_mode", "shared", "ref_mode must be one of"),
-        ("loss", "dpo", "loss must be one of"),
+        ("loss", "ipo", "loss must be one of"),
         ("model", "sd4", "model must be one of"),
         ("precision", "fp8", "precision must be one of"),
         ("beta", -1.0, "beta must be > 0"),

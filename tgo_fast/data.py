@@ -48,6 +48,7 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "ScoredImageDataset",
     "collate_scored",
+    "dataset_groups",
     "dataset_prompts",
     "dataset_scores",
     "frame_indices",
@@ -860,6 +861,21 @@ def dataset_prompts(dataset) -> list[str]:
     """All prompts of a dataset (same inputs as :func:`dataset_scores`; no image decoded)."""
     values = _read_column(dataset, "prompt")
     return values if isinstance(values, list) else values.to_pylist()
+
+
+def dataset_groups(dataset) -> list[str]:
+    """Each sample's prompt group, for per-prompt thresholds and DPO pairs: the optional ``group`` column (as str)
+    when the dataset has one, else the prompt text (same inputs as :func:`dataset_scores`)."""
+    columns = dataset.dataset.column_names if isinstance(dataset, ScoredImageDataset) else dataset.column_names
+    if columns is not None and "group" in columns:
+        values = _read_column(dataset, "group")
+        values = values if isinstance(values, list) else values.to_pylist()
+        missing = next((row for row, value in enumerate(values) if value is None), None)
+        if missing is not None:
+            raise _row_error("dataset", missing, "missing value in column 'group' (every row needs one when the "
+                                                 "column is present)")
+        return [str(value) for value in values]
+    return dataset_prompts(dataset)
 
 
 def _read_column(dataset, name: str):

@@ -3,6 +3,18 @@
     τ   = Percentile({s_i}, p)                    one global value, over all ranks' scores
     l_i = 1[s_i ≥ τ]                              a tie counts as positive
     w_i = 1 + c·|s_i − τ| / scale                 scale = 1 in the paper ("std"/"mad" optional)
+
+Threshold modes (``threshold_mode``): the paper's one global τ stands in for the instance baseline
+b(x) = β·log Z(x) of the KL-regularised optimum π*(y|x) ∝ π_ref(y|x)·exp(r(x, y)/β). Two per-prompt
+estimates from the K scored samples y_1..y_K of each prompt group (samples of π_ref):
+
+    per_prompt      τ(x) = Percentile({s_k}, p)
+    log_partition   b̂(x) = β_r·log((1/K)·Σ_k exp(s_k/β_r))        (a logsumexp, stable for any β_r)
+
+b̂(x) lies in [mean_k s_k, max_k s_k]. By Jensen (log is concave), E[b̂(x)] ≤ β_r·log E exp(s/β_r): for finite K
+it underestimates the log-partition baseline; the gap shrinks as O(1/K) (delta method:
+≈ β_r·Var[e^{s/β_r}] / (2K·E[e^{s/β_r}]²)). Each sample is then labelled and weighted against its own group's
+threshold τ_i. A group of one sample has no estimate (its threshold would be its own score): an error.
 """
 from __future__ import annotations
 
@@ -21,6 +33,7 @@ from ._validation import as_score_tensor, check_finite_number, check_nonnegative
 # torch.quantile refuses inputs with more than 2**24 elements.
 _QUANTILE_MAX_NUMEL = 2**24
 _SCALES = (None, "std", "mad")
+THRESHOLD_MODES = ("global", "per_prompt", "log_partition")
 
 
 def gather_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -139,8 +152,12 @@ class ThresholdEstimate:
     mad: float
     min: float
     max: float
-    positive_fraction: float
+    positive_fraction: float  # of the samples labelled against their own threshold (τ, or their group's)
     source: str
+    mode: str = "global"  # THRESHOLD_MODES
+    log_partition_beta: float | None = None  # β_r of log_partition
+    group_thresholds: dict[str, float] | None = None  # per_prompt / log_partition: τ(x) of each prompt group
+    group_sizes: dict[str, int] | None = None  # K of each group
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,11 +174,11 @@ class ThresholdEstimate:
     def load(cls, path: str | os.PathLike) -> "ThresholdEstimate":
         with open(path) as f:
             data = json.load(f)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing = fields - data.keys()
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = required - data.keys()
         if missing:
             raise ValueError(f"{os.fspath(path)} is not a threshold file: missing keys {sorted(missing)}")
-        estimate = cls(**{k: data[k] for k in fields})
+        estimate = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
         check_finite_number(estimate.tau, f"tau in {os.fspath(path)}")
         return estimate
 
@@ -184,3 +201,62 @@ def estimate_threshold(
         positive_fraction=float((values >= tau).double().mean()),
         source=source,
     )
+
+
+def group_thresholds(scores: torch.Tensor | Sequence[float], groups: Sequence[str], mode: str, *, p: float = 50.0,
+                     log_partition_beta: float = 1.0) -> tuple[dict[str, float], dict[str, int]]:
+    """Per-group thresholds of ``mode`` ("per_prompt" or "log_partition", see the module docstring) and the group
+    sizes K, groups in order of first appearance. Local (no gather): pass every rank's scores.
+
+    Raises:
+        ValueError: an unknown mode, scores and groups of different lengths, or a group of one sample.
+    """
+    if mode not in THRESHOLD_MODES[1:]:
+        raise ValueError(f"mode must be one of {', '.join(THRESHOLD_MODES[1:])}; got {mode!r}")
+    values = as_score_tensor(scores, "scores").reshape(-1).to(torch.float64)
+    if len(groups) != values.numel():
+        raise ValueError(f"groups has {len(groups)} entries but scores has {values.numel()}: one group per score")
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    singles = [group for group, indices in members.items() if len(indices) == 1]
+    if singles:
+        raise ValueError(
+            f"threshold_mode={mode!r} estimates each prompt's threshold from its K samples, but {len(singles)} of "
+            f"{len(members)} prompt groups have a single sample (e.g. {singles[0]!r}), whose threshold would be its "
+            "own score: sample K ≥ 2 images per prompt from π_ref, pool prompts with a 'group' column, or use "
+            "threshold_mode: global")
+    p = check_finite_number(p, "p")
+    beta = check_finite_number(log_partition_beta, "log_partition_beta")
+    if not beta > 0:
+        raise ValueError(f"log_partition_beta must be > 0, got {beta}")
+    thresholds = {}
+    for group, indices in members.items():
+        group_scores = values[indices]
+        if mode == "per_prompt":
+            thresholds[group] = _percentile(group_scores, p)
+        else:  # β_r·log mean_k exp(s_k/β_r) = m + β_r·log mean_k exp((s_k − m)/β_r), m = max_k s_k: the logsumexp
+            # shift (no overflow, every term ≤ 1, the sum ≥ 1); a group of equal scores gets exactly that score
+            top = group_scores.max()
+            thresholds[group] = float(top + beta * torch.log(torch.exp((group_scores - top) / beta).mean()))
+    return thresholds, {group: len(indices) for group, indices in members.items()}
+
+
+def with_group_thresholds(estimate: ThresholdEstimate, scores: torch.Tensor | Sequence[float],
+                          groups: Sequence[str], mode: str, *, log_partition_beta: float = 1.0) -> ThresholdEstimate:
+    """``estimate`` (the global τ and score statistics) with the per-group thresholds of ``mode`` (p = the
+    estimate's) and the fraction of samples at or above their own group's threshold."""
+    thresholds, sizes = group_thresholds(scores, groups, mode, p=estimate.p, log_partition_beta=log_partition_beta)
+    own = sample_thresholds(thresholds, groups)
+    values = as_score_tensor(scores, "scores").reshape(-1).to(torch.float64)
+    return dataclasses.replace(
+        estimate, mode=mode, log_partition_beta=log_partition_beta if mode == "log_partition" else None,
+        group_thresholds=thresholds, group_sizes=sizes, positive_fraction=float((values >= own).double().mean()))
+
+
+def sample_thresholds(thresholds: dict[str, float], groups: Sequence[str]) -> torch.Tensor:
+    """(N,) float64: each sample's own threshold, its group's."""
+    missing = sorted(set(groups) - thresholds.keys())
+    if missing:
+        raise ValueError(f"no threshold for prompt group(s) {missing[:3]}: the thresholds come from other data")
+    return torch.tensor([thresholds[group] for group in groups], dtype=torch.float64)

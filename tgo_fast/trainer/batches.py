@@ -5,6 +5,9 @@ Data order is a pure function of (seed, epoch, step): step ``s`` of epoch ``e`` 
 batch of an epoch dropped), laid out as ``(accumulation, world, micro)`` so micro-step ``m`` of rank
 ``r`` reads ``[m, r]``. Resuming at step ``s`` therefore needs no sampler state.
 
+A DPO run's items are preference pairs (:func:`preference_pairs`): item p is two samples, collated as
+one batch of 2B rows (winners, then losers) that share the pair's seed.
+
 Per-sample seeds (noise, timestep, mask) are ``seed·P + epoch·N + index`` (``epoch`` = 0 when the noise
 is fixed across epochs, as the precomputed reference requires), so policy, reference and a precomputed
 pre-pass see the same draws for a sample whatever the rank or the batch it lands in.
@@ -16,14 +19,14 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 __all__ = ["StepSchedule", "sample_seeds", "EncodingCache", "EncodedDataset", "collate_encoded",
-           "encoding_cache_key"]
+           "encoding_cache_key", "preference_pairs", "PreferencePairDataset", "collate_pairs"]
 
 _SEED_STRIDE = 1_000_003
 _CACHE_FORMAT = 1
@@ -33,10 +36,10 @@ class StepSchedule:
     """Which dataset indices each rank reads at each micro-step (see the module docstring)."""
 
     def __init__(self, num_samples: int, train_batch_size: int, micro_batch_size: int, accumulation: int,
-                 world_size: int, seed: int):
+                 world_size: int, seed: int, item_name: str = "samples"):
         if num_samples < train_batch_size:
             raise ValueError(
-                f"the dataset has {num_samples} samples, fewer than train_batch_size={train_batch_size}: "
+                f"the dataset has {num_samples} {item_name}, fewer than train_batch_size={train_batch_size}: "
                 "use a smaller train_batch_size or more data"
             )
         if micro_batch_size * world_size * accumulation != train_batch_size:
@@ -161,3 +164,53 @@ def collate_encoded(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "score": torch.tensor([e["score"] for e in examples], dtype=torch.float64),
         "encoded": {key: torch.stack([e["encoded"][key] for e in examples]) for key in examples[0]["encoded"]},
     }
+
+
+def preference_pairs(scores: torch.Tensor, groups: Sequence[str], min_gap: float = 0.0) -> torch.Tensor:
+    """(P, 2) int64 ``[winner, loser]`` dataset indices for DPO: every pair of samples of one prompt group whose
+    scores differ by more than zero and by at least ``min_gap`` (ties never pair). Groups in order of first
+    appearance; within a group the pairs (i, j), i < j, in index order."""
+    if len(groups) != len(scores):
+        raise ValueError(f"groups has {len(groups)} entries but scores has {len(scores)}: one group per score")
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    values = scores.tolist()
+    pairs = []
+    for indices in members.values():
+        for position, i in enumerate(indices):
+            for j in indices[position + 1:]:
+                gap = values[i] - values[j]
+                if gap != 0 and abs(gap) >= min_gap:
+                    pairs.append((i, j) if gap > 0 else (j, i))
+    if not pairs:
+        raise ValueError(
+            f"loss='dpo' found no preference pair: it pairs samples of the same prompt (or 'group') whose scores "
+            f"differ by at least dpo_min_gap={min_gap} and by more than 0, and none of the {len(members)} prompt "
+            "groups has two such samples; score K ≥ 2 samples per prompt, or lower dpo_min_gap")
+    return torch.tensor(pairs, dtype=torch.int64)
+
+
+class PreferencePairDataset(torch.utils.data.Dataset):
+    """Item p of a DPO run: ``{"index": p, "winner": samples[w_p], "loser": samples[l_p]}``."""
+
+    def __init__(self, samples: torch.utils.data.Dataset, pairs: torch.Tensor):
+        self.samples = samples
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        winner, loser = self.pairs[int(index)].tolist()
+        return {"index": int(index), "winner": self.samples[winner], "loser": self.samples[loser]}
+
+
+def collate_pairs(collate_samples: Callable[[list], dict[str, Any]], examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """B pairs → one batch of 2B rows, the winners first then the losers (``collate_samples`` stacks them);
+    ``index`` holds the B pair indices (the per-pair seeds, so both images of a pair share noise and timestep),
+    ``sample_index`` the 2B dataset indices."""
+    rows = collate_samples([e["winner"] for e in examples] + [e["loser"] for e in examples])
+    rows["sample_index"] = rows["index"]
+    rows["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    return rows

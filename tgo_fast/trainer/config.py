@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 MODELS = ("sd15", "sdxl", "flux", "sd3", "wan", "amused", "meissonic")
-LOSSES = ("tgo", "sft", "kto")
+LOSSES = ("tgo", "sft", "kto", "dpo")
+THRESHOLD_MODES = ("global", "per_prompt", "log_partition")  # tgo_fast.threshold
 REF_MODES = ("separate", "lora", "precomputed")
 REF_UPDATES = ("none", "epoch")
 THRESHOLD_UPDATES = ("none", "proxy")
@@ -116,12 +117,15 @@ class TrainConfig:
     precision: str = "auto"  # auto (from the DeepSpeed JSON) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     # --- objective
-    loss: str = "tgo"  # tgo | sft (pseudo-positives only) | kto (Diffusion-KTO)
+    loss: str = "tgo"  # tgo | sft (pseudo-positives only) | kto (Diffusion-KTO) | dpo (Diffusion-DPO on score pairs)
     beta: float = 1.0
     temperature: float = 1e-3  # diffusion families only
     c: float = 5.0
     percentile: float = 50.0
     threshold_file: str | None = None  # JSON with "tau" (e.g. a previous run's threshold.json)
+    threshold_mode: str = "global"  # global (one τ) | per_prompt (percentile per prompt) | log_partition (b̂(x))
+    log_partition_beta: float = 1.0  # β_r of log_partition: b̂(x) = β_r·log mean_k exp(s_k/β_r)
+    dpo_min_gap: float = 0.0  # dpo: pair two samples of a prompt when their scores differ by > 0 and ≥ this
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     impl: str = "auto"  # loss implementation: auto | torch | triton
@@ -160,6 +164,7 @@ class TrainConfig:
             setattr(self, field.name, _coerce(field.name, getattr(self, field.name), hints[field.name]))
         _choice("model", self.model, MODELS)
         _choice("loss", self.loss, LOSSES)
+        _choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
         _choice("ref_mode", self.ref_mode, REF_MODES)
         _choice("ref_update", self.ref_update, REF_UPDATES)
         _choice("threshold_update", self.threshold_update, THRESHOLD_UPDATES)
@@ -178,11 +183,12 @@ class TrainConfig:
         self._validate_model_options()
         if self.micro_batch_size is not None:
             _at_least("micro_batch_size", self.micro_batch_size, 1)
-        for name in ("learning_rate", "beta", "temperature", "adam_epsilon", "lora_alpha"):
+        for name in ("learning_rate", "beta", "temperature", "adam_epsilon", "lora_alpha", "log_partition_beta"):
             _positive(name, getattr(self, name))
         if self.validation_guidance_scale is not None:
             _nonnegative("validation_guidance_scale", self.validation_guidance_scale)
-        for name in ("c", "weight_decay", "max_grad_norm", "kto_desirable_weight", "kto_undesirable_weight"):
+        for name in ("c", "weight_decay", "max_grad_norm", "kto_desirable_weight", "kto_undesirable_weight",
+                     "dpo_min_gap"):
             _nonnegative(name, getattr(self, name))
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -202,6 +208,14 @@ class TrainConfig:
             if self.reward is None or not self.reward.strip():
                 raise ValueError("threshold_update='proxy' needs reward: 'builtin' (the embedded synthetic set's "
                                  "programmatic score) or 'package.module:function' (your reward model)")
+        if self.threshold_mode != "global":
+            for name, value, why in (("threshold_update", self.threshold_update != "none",
+                                      "a proxy set re-estimates one global τ"),
+                                     ("threshold_file", self.threshold_file is not None, "the file fixes one global τ"),
+                                     ("loss", self.loss == "dpo", "DPO pairs samples and uses no threshold")):
+                if value:
+                    raise ValueError(f"threshold_mode={self.threshold_mode!r} does not combine with {name}="
+                                     f"{getattr(self, name)!r} ({why}): use threshold_mode: global or change {name}")
         if self.lora and self.ref_mode == "separate" and self.loss != "sft":
             raise ValueError(
                 "lora=true with ref_mode='separate' would keep a second copy of the frozen base weights: use "

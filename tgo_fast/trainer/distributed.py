@@ -53,6 +53,9 @@ def world_of_one_session():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        from deepspeed.utils import groups
+
+        groups._WORLD_GROUP = None  # DeepSpeed's cached clone of the destroyed world: the next session clones anew
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

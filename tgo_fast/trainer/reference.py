@@ -186,7 +186,9 @@ ItemBatches = Callable[[], tuple[torch.Tensor, Iterator[tuple[dict, dict]]]]
 
 class PrecomputedReference(ReferencePolicy):
     """A table of e_ref / log π_ref per training item, computed by a pre-pass of the current policy (= π_ref) under
-    each item's fixed seeds; training then runs no reference at all.
+    each item's fixed seeds; training then runs no reference at all. An item is one sample, or for DPO a pair
+    (``rows_per_item`` = 2: its micro-batches hold the B winners, then the B losers); the flat table keeps each
+    item's rows together, ``table.view(num_items, rows_per_item)``.
 
     ``item_batches()`` returns ``(order, batches)``: this rank's micro-batches of encoded items and their sampled
     inputs, and the item index of each value the ranks compute, in rank order (ranks take equal numbers of
@@ -195,9 +197,11 @@ class PrecomputedReference(ReferencePolicy):
 
     fixed_noise = True
 
-    def __init__(self, policy, adapter, impl: str, item_batches: ItemBatches, num_items: int, device: torch.device):
+    def __init__(self, policy, adapter, impl: str, item_batches: ItemBatches, num_items: int, device: torch.device,
+                 rows_per_item: int = 1):
         self.policy = policy
         self.device = device
+        self.rows_per_item = rows_per_item
         self.adapter = adapter
         self.impl = impl
         self.item_batches = item_batches
@@ -205,7 +209,8 @@ class PrecomputedReference(ReferencePolicy):
         self.table: torch.Tensor | None = None
 
     def values(self, index, encoded, inputs) -> ReferenceValues:
-        return ReferenceValues(prediction=None, value=self.table[index].to(self.device))
+        rows = self.table.view(self.num_items, self.rows_per_item)[index]  # (B, rows): back to row-major batches
+        return ReferenceValues(prediction=None, value=rows.T.reshape(-1).to(self.device))
 
     def start(self) -> None:
         if self.table is None:
@@ -218,12 +223,14 @@ class PrecomputedReference(ReferencePolicy):
     def _compute_table(self) -> torch.Tensor:
         order, batches = self.item_batches()
         self.policy.eval()
-        values = [_stored_value(self.adapter, self.policy, encoded, inputs, self.impl) for encoded, inputs in batches]
+        # each micro-batch's (rows·B,) values as (B, rows): one line per item
+        values = [_stored_value(self.adapter, self.policy, encoded, inputs, self.impl).view(self.rows_per_item, -1).T
+                  for encoded, inputs in batches]
         self.policy.train()
         gathered = D.all_gather_tensor(torch.cat(values).float().cpu())
-        table = torch.empty(self.num_items, dtype=torch.float32)
+        table = torch.empty(self.num_items, self.rows_per_item, dtype=torch.float32)
         table[order] = gathered
-        return table
+        return table.view(-1)
 
     def save(self, directory: Path) -> None:
         if D.is_main():

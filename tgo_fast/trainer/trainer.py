@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -29,9 +30,10 @@ import torch
 import yaml
 
 from ..models.base import model_dtype
-from ..threshold import ThresholdEstimate, estimate_threshold
+from ..threshold import ThresholdEstimate, estimate_threshold, sample_thresholds, with_group_thresholds
 from . import distributed as D
-from .batches import EncodedDataset, EncodingCache, StepSchedule, collate_encoded, encoding_cache_key, sample_seeds
+from .batches import (EncodedDataset, EncodingCache, PreferencePairDataset, StepSchedule, collate_encoded,
+                      collate_pairs, encoding_cache_key, preference_pairs, sample_seeds)
 from .config import TrainConfig, batch_layout, deepspeed_precision, merge_deepspeed_config
 from .objectives import diffusion_objective, masked_objective, needs_reference
 from .reference import (LoraReference, PrecomputedReference, ReferencePolicy, ReferenceValues, SeparateReference,
@@ -87,16 +89,21 @@ class Trainer:
         self.adapter = self._build_adapter()
         self.kind = self.adapter.kind
         self.dataset = self._load_dataset()
-        from ..data import dataset_scores
+        from ..data import dataset_groups, dataset_scores
 
         self.scores = dataset_scores(self.dataset)  # a stream is read once here, scores only
         self.num_samples = len(self.scores)
         if self.num_samples == 0:
             raise ValueError(f"data={cfg.data!r}: the dataset is empty")
-        self.schedule = StepSchedule(self.num_samples, cfg.train_batch_size, self.micro_batch_size,
-                                     self.accumulation, self.world_size, cfg.seed)
-        self.initial_threshold = self.threshold = self._estimate_threshold()  # of the training set (or the file)
-        self.tau = self.threshold.tau
+        # prompt groups (the `group` column, else the prompt): per-prompt thresholds and DPO's pairs
+        self.groups = dataset_groups(self.dataset) if cfg.threshold_mode != "global" or cfg.loss == "dpo" else None
+        self.pairs = preference_pairs(self.scores, self.groups, cfg.dpo_min_gap) if cfg.loss == "dpo" else None
+        self.num_items = self.num_samples if self.pairs is None else len(self.pairs)  # what the schedule batches
+        self.schedule = StepSchedule(self.num_items, cfg.train_batch_size, self.micro_batch_size,
+                                     self.accumulation, self.world_size, cfg.seed,
+                                     item_name="samples" if self.pairs is None else "preference pairs (loss: dpo)")
+        self._use_threshold(self._estimate_threshold())  # of the training set (or the file)
+        self.initial_threshold = self.threshold
         self.reward = self.proxy_prompts = None
         if cfg.reward is not None:  # fail before training if the reward cannot be loaded or read the prompts
             from ..rewards import check_reward_prompts, load_reward
@@ -117,6 +124,9 @@ class Trainer:
             self.proxy_prompts = dataset_prompts(self.dataset)
             check_reward_prompts(self.reward, self.proxy_prompts)
         self.train_dataset, self.collate = self._training_dataset()
+        if self.pairs is not None:  # an item is a pair: 2B rows a micro-batch, winners then losers
+            self.train_dataset = PreferencePairDataset(self.train_dataset, self.pairs)
+            self.collate = functools.partial(collate_pairs, self.collate)
 
         self._build_engines()  # the policy engine and self.reference (None when the loss needs no π_ref)
         self.start_step = 0
@@ -183,7 +193,17 @@ class Trainer:
             estimate = dataclasses.replace(
                 estimate, tau=tau, positive_fraction=float((self.scores >= tau).double().mean()),
                 source=f"threshold_file {self.cfg.threshold_file}")
+        if self.cfg.threshold_mode != "global":  # every rank holds every score: the group thresholds are local
+            estimate = with_group_thresholds(estimate, self.scores, self.groups, self.cfg.threshold_mode,
+                                             log_partition_beta=self.cfg.log_partition_beta)
         return estimate
+
+    def _use_threshold(self, estimate: ThresholdEstimate) -> None:
+        """The threshold of the objectives from now on: τ, and with per-prompt modes each sample's own τ_i."""
+        self.threshold = estimate
+        self.tau = estimate.tau
+        self.own_thresholds = (None if estimate.group_thresholds is None
+                               else sample_thresholds(estimate.group_thresholds, self.groups))
 
     def _adapter_identity(self) -> dict[str, Any]:
         identity = {"model": self.cfg.model, "pretrained": self.cfg.pretrained, "resolution": self.adapter.resolution,
@@ -315,8 +335,8 @@ class Trainer:
                                      keeps_weights=cfg.ref_update == "epoch")
         if cfg.ref_mode == "lora":
             return LoraReference(self.engine, self.adapter, cfg.impl)
-        return PrecomputedReference(self.engine, self.adapter, cfg.impl, self._item_batches, self.num_samples,
-                                    self.device)
+        return PrecomputedReference(self.engine, self.adapter, cfg.impl, self._item_batches, self.num_items,
+                                    self.device, rows_per_item=1 if self.pairs is None else 2)
 
     def _inject_lora(self, backbone: torch.nn.Module) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -337,25 +357,34 @@ class Trainer:
         else:
             encoded = self.adapter.encode(batch["pixel_values"].to(self.device), batch["prompt"])
         seeds = sample_seeds(batch["index"], seed=self.cfg.seed, epoch=self._noise_epoch(epoch),
-                             num_samples=self.num_samples)
+                             num_samples=self.num_items)
+        seeds = seeds.repeat(len(batch["score"]) // len(batch["index"]))  # a pair's two rows share its seed
         return encoded, self.adapter.sample_inputs(encoded, seeds), batch["score"].to(self.device)
+
+    def _labelled_scores(self, index: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(scores, τ) for the objectives. With per-prompt thresholds: (s_i − τ_i, 0), which gives each sample the
+        label 1[s_i ≥ τ_i] and weight 1 + c·|s_i − τ_i| of its own threshold through every loss's scalar τ."""
+        if self.own_thresholds is None:
+            return scores, self.tau
+        return scores - self.own_thresholds[index].to(scores.device), 0.0
 
     def compute_loss(self, batch: dict[str, Any], epoch: int, *, backward: bool) -> tuple[torch.Tensor, dict]:
         """One micro-batch: reference (live or precomputed), policy forward, objective, and backward."""
         encoded, inputs, scores = self._prepare(batch, epoch)
+        scores, tau = self._labelled_scores(batch["index"], scores)
         cfg = self.cfg
         ref = (self.reference.values(batch["index"], encoded, inputs) if self.reference is not None
                else ReferenceValues(prediction=None, value=None))
         if self.kind == "diffusion":
             pred = self.adapter.forward(self.engine, encoded, inputs)
-            loss, stats = diffusion_objective(cfg, pred, inputs["target"], scores, self.tau,
+            loss, stats = diffusion_objective(cfg, pred, inputs["target"], scores, tau,
                                               ref_pred=ref.prediction, ref_error=ref.value)
             if backward:
                 self.engine.backward(loss)
             return loss.detach(), stats
         hidden = self.adapter.forward(self.engine, encoded, inputs)
         loss, stats = masked_objective(cfg, self.adapter.output_head_module(self.engine), hidden, inputs["labels"],
-                                       scores, self.tau, ref.value)
+                                       scores, tau, ref.value)
         if backward:
             self.engine.backward(loss)
         return loss.detach(), stats
@@ -364,7 +393,7 @@ class Trainer:
     def _item_batches(self) -> tuple[torch.Tensor, Iterator[tuple[dict, dict]]]:
         """Every training item once for the precomputed reference's pre-pass, under its fixed (epoch-0) seeds:
         ``(order, this rank's micro-batches of (encoded, inputs))``, see :func:`precompute_layout`."""
-        order, per_rank = precompute_layout(self.num_samples, self.world_size, self.micro_batch_size)
+        order, per_rank = precompute_layout(self.num_items, self.world_size, self.micro_batch_size)
         mine = order.view(self.world_size, per_rank)[self.rank]
 
         def batches():
@@ -407,9 +436,8 @@ class Trainer:
                 images = self.adapter.generate(self.engine.module, batch, seed=seed,
                                                num_inference_steps=cfg.proxy_inference_steps)
                 scores.append(score_images(self.reward, images, batch))
-        self.threshold = estimate_threshold(torch.cat(scores), cfg.percentile,
-                                            source=f"proxy set: {total} images from π_ref after epoch {epoch}")
-        self.tau = self.threshold.tau
+        self._use_threshold(estimate_threshold(torch.cat(scores), cfg.percentile,
+                                               source=f"proxy set: {total} images from π_ref after epoch {epoch}"))
         if D.is_main():  # threshold.json keeps the training set's τ; each re-estimate gets its own file
             history = self.run_dir / "thresholds"
             history.mkdir(exist_ok=True)
@@ -468,8 +496,12 @@ class Trainer:
         if abs(client_state["tau"] - self.tau) > 1e-12 * max(1.0, abs(self.tau)):
             raise ValueError(f"resume_from: the checkpoint's τ={client_state['tau']} differs from this run's "
                              f"τ={self.tau}: the data, percentile or threshold_file changed")
-        self.threshold = ThresholdEstimate(**client_state["threshold"])  # a proxy re-estimate, if any, continues
-        self.tau = self.threshold.tau
+        saved = ThresholdEstimate(**client_state["threshold"])  # a proxy re-estimate, if any, continues
+        if (saved.mode, saved.group_thresholds) != (self.threshold.mode, self.threshold.group_thresholds):
+            raise ValueError(f"resume_from: the checkpoint's thresholds (threshold_mode={saved.mode!r}) differ from "
+                             f"this run's (threshold_mode={self.cfg.threshold_mode!r}): the data, threshold_mode, "
+                             "percentile or log_partition_beta changed")
+        self._use_threshold(saved)
         self.start_step = int(client_state["step"])
         rng = torch.load(path / f"rng_state_rank{self.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
