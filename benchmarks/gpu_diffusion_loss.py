@@ -1,5 +1,15 @@
 """GPU benchmark of the diffusion TGO loss: fused Triton kernel vs the PyTorch reference vs torch.compile(reference).
 
+Variants (forward + backward of the loss on the same pred, ref, target, scores, τ):
+  triton           ``tgo_diffusion_loss(impl="triton")`` (the custom op ``tgo_fast::diffusion_loss``), eager
+  triton_direct    the kernel entry without the dispatcher's input validation
+  triton_compile   the same step under ``torch.compile(fullgraph=True)`` (one graph around the custom op)
+  triton_cudagraph the same step captured once in a CUDA graph and replayed (no host work per step)
+  torch            ``tgo_diffusion_loss(impl="torch")``, the library's PyTorch reference
+  compile          ``torch.compile`` of that reference
+  inline           the loss as a user writes it inline (difference of two means, no checks)
+  inline_compile   ``torch.compile`` of the inline loss (issue 11's baseline: ≥ 1.5× at SDXL / video bf16)
+
 One device run measures
   * the copy bandwidth (``dst.copy_(src)``) at 1 GiB (the roofline) and at each benchmark's traffic,
   * forward + backward median times (``triton.testing.do_bench``, L2 flushed between runs) of every variant,
@@ -10,6 +20,7 @@ and writes ``benchmarks/results/diffusion_loss_<gpu>.json``, ``.md`` (the README
 
     python benchmarks/gpu_diffusion_loss.py                 # everything (minutes: compile rows compile)
     python benchmarks/gpu_diffusion_loss.py --no-compile --shapes flux video
+    python benchmarks/gpu_diffusion_loss.py --variants triton triton_cudagraph inline inline_compile
 
 The shape and variant definitions here are shared with ``test_bench_diffusion_loss.py`` (pytest-benchmark).
 """
@@ -24,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from tgo_fast.loss import tgo_diffusion_loss, tgo_objective
 
@@ -34,7 +46,9 @@ SHAPES = {
     "video": (1, 16, 21, 60, 104),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VARIANTS = ("triton", "triton_direct", "torch", "compile")
+VARIANTS = ("triton", "triton_direct", "triton_compile", "triton_cudagraph", "torch", "compile", "inline",
+            "inline_compile")
+COMPILED_VARIANTS = ("triton_compile", "compile", "inline_compile")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -48,13 +62,33 @@ def make_inputs(shape, dtype, device):
     return pred, ref, target, scores, float(scores.median())
 
 
+def inline_reference(pred, ref, target, scores, threshold, beta=1.0, temperature=1e-3, c=5.0):
+    """The TGO diffusion loss as a user writes it inline (paper Appendix H: difference of the two means)."""
+    dims = tuple(range(1, pred.dim()))
+    policy_error = (pred.float() - target.float()).square().mean(dims)
+    reference_error = (ref.float() - target.float()).square().mean(dims)
+    implicit_score = (beta / temperature) * (reference_error - policy_error)
+    labels = (scores >= threshold).float()
+    weights = 1 + c * (scores - threshold).abs()
+    return (weights * F.softplus((1 - 2 * labels) * implicit_score)).mean()
+
+
 def loss_function(variant):
-    """(pred, ref, target, scores, τ) → loss for one variant, all with the paper's defaults."""
-    if variant == "triton":
+    """(pred, ref, target, scores, τ) → loss for one variant, all with the paper's defaults (the CUDA-graphed
+    variant is the triton loss; ``step_function`` captures it)."""
+    if variant in ("triton", "triton_cudagraph"):
         return functools.partial(tgo_diffusion_loss, impl="triton")
+    if variant == "triton_compile":
+        torch._dynamo.reset()
+        return torch.compile(functools.partial(tgo_diffusion_loss, impl="triton"), fullgraph=True, dynamic=False)
+    if variant == "inline":
+        return inline_reference
+    if variant == "inline_compile":
+        torch._dynamo.reset()
+        return torch.compile(inline_reference, dynamic=False)
     if variant == "torch":
         return functools.partial(tgo_diffusion_loss, impl="torch")
-    if variant == "compile":  # what a user gets by compiling the reference (graph breaks at its input checks)
+    if variant == "compile":  # what a user gets by compiling the library's reference (one graph, checks on device)
         torch._dynamo.reset()  # a fresh static compile per row: no recompile limit, no dynamic-shape fallback
         return torch.compile(functools.partial(tgo_diffusion_loss, impl="torch"), dynamic=False)
     if variant == "triton_direct":  # the kernel entry without the dispatcher's input validation
@@ -95,26 +129,47 @@ def peak_memory(step) -> int:
     return torch.cuda.max_memory_allocated()
 
 
+def step_function(variant, pred, ref, target, scores, threshold):
+    """One forward + backward of ``variant``; for "triton_cudagraph" the replay of a captured step (its
+    gradient lands in the graph's own buffer, which is what a CUDA-graphed training step does)."""
+    fn = loss_function(variant)
+
+    def step():
+        fn(pred, ref, target, scores, threshold).backward()
+
+    if variant != "triton_cudagraph":
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture: Triton JIT, the allocator
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    pred.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def bench_row(variant, shape_name, dtype_name, roofline_gbs):
     from triton.testing import do_bench
 
     shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
     pred, ref, target, scores, threshold = make_inputs(shape, dtype, "cuda")
     fn = loss_function(variant)
-
-    def step():
-        fn(pred, ref, target, scores, threshold).backward()
+    step = step_function(variant, pred, ref, target, scores, threshold)
 
     def forward():
         with torch.no_grad():
             fn(pred, ref, target, scores, threshold)
 
     step()  # compile / warm up
-    pred.grad = None
+    if variant != "triton_cudagraph":
+        pred.grad = None
     inputs_bytes = 3 * pred.numel() * pred.element_size()
     peak = peak_memory(step)
     pred.grad = None
-    ms = do_bench(step, grad_to_none=[pred], return_mode="median")
+    ms = do_bench(step, grad_to_none=None if variant == "triton_cudagraph" else [pred], return_mode="median")
     forward_ms = do_bench(forward, return_mode="median")
     moved = traffic_bytes(shape, dtype)
     row = {
@@ -201,8 +256,8 @@ def markdown_table(rows, source) -> str:
     by_key = {(r["shape"], r["dtype"], r["variant"]): r for r in rows}
     lines = [
         "| shape | dtype | Triton µs | GB/s (% of copy) | reference µs | compile µs | × reference | × compile | "
-        "peak / (inputs + grad) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "peak / (inputs + grad) | CUDA graph µs | × inline | × compile(inline) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (shape, dtype, variant), row in by_key.items():
         if variant != "triton":
@@ -210,13 +265,24 @@ def markdown_table(rows, source) -> str:
         reference, compiled = by_key.get((shape, dtype, "torch")), by_key.get((shape, dtype, "compile"))
         lines.append(
             f"| {shape} {tuple(row['dims'])} | {dtype} | {row['fwd_bwd_us']:.1f} | {row['achieved_gbs']:.0f} "
-            f"({row['roofline_pct']:.0f}%) | {reference['fwd_bwd_us']:.1f} | "
+            f"({row['roofline_pct']:.0f}%) | " + (f"{reference['fwd_bwd_us']:.1f}" if reference else "–") + " | "
             + (f"{compiled['fwd_bwd_us']:.1f}" if compiled else "–")
-            + f" | {reference['fwd_bwd_us'] / row['fwd_bwd_us']:.1f}× | "
+            + " | " + (f"{reference['fwd_bwd_us'] / row['fwd_bwd_us']:.1f}×" if reference else "–") + " | "
             + (f"{compiled['fwd_bwd_us'] / row['fwd_bwd_us']:.1f}×" if compiled else "–")
-            + f" | {row['peak_bytes'] / row['inputs_plus_grad_bytes']:.2f} |"
+            + f" | {row['peak_bytes'] / row['inputs_plus_grad_bytes']:.2f} | "
+            + " | ".join(_ratio_cells(by_key, shape, dtype, row)) + " |"
         )
     return "\n".join(lines) + f"\n\nSource: `{source}` (forward + backward, median of `triton.testing.do_bench`).\n"
+
+
+def _ratio_cells(by_key, shape, dtype, row):
+    """CUDA-graph time, and the speed-ups over the inline loss and its compiled form ("–" where not run)."""
+    graphed = by_key.get((shape, dtype, "triton_cudagraph"))
+    cells = [f"{graphed['fwd_bwd_us']:.1f}" if graphed else "–"]
+    for baseline in ("inline", "inline_compile"):
+        base = by_key.get((shape, dtype, baseline))
+        cells.append(f"{base['fwd_bwd_us'] / row['fwd_bwd_us']:.1f}×" if base else "–")
+    return cells
 
 
 def plot(rows, roofline_gbs, path):
@@ -259,11 +325,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to compile)")
     parser.add_argument("--no-large", action="store_true", help="skip the B·D > 2^31 check (needs ~18 GB)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-shape sweep")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--check-args", action="store_true", help="parse the arguments, print them and exit")
     args = parser.parse_args(argv)
+    if args.check_args:
+        print(vars(args))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("gpu_diffusion_loss.py needs a CUDA device (the pytest-benchmark suite runs on CPU)")
 
@@ -279,7 +350,7 @@ def main(argv=None):
     roofline = copy_bandwidth(2**30)
     result["copy_gbs_1GiB"] = roofline
     print(f"copy bandwidth (1 GiB): {roofline:.0f} GB/s")
-    variants = [v for v in VARIANTS if not (args.no_compile and v == "compile")]
+    variants = [v for v in args.variants if not (args.no_compile and v in COMPILED_VARIANTS)]
     rows = []
     for shape_name in args.shapes:
         for dtype_name in args.dtypes:

@@ -2,6 +2,9 @@
 
 Forward + backward of one training step's loss from hidden states and the output head, for
   * fused (Triton)          ``tgo_fused_linear_masked_loss(impl="triton")``: chunked, gradients in forward (GPU only)
+  * fused (Triton) compiled the same step under ``torch.compile(fullgraph=True)`` (one graph around the custom op)
+  * fused (Triton) CUDA graph  the same step captured once in a CUDA graph and replayed (no host work per step)
+  * fused (Triton) bf16 logits ``logits_dtype=torch.bfloat16``: each chunk's logits in bf16 (half the chunk memory)
   * fused (torch)           the same chunked algorithm with the PyTorch per-chunk step (what CPUs run)
   * fused two-pass          the schedule that recomputes logits in backward (Triton step on GPU, torch on CPU)
   * full logits             logits = hidden·Wᵀ + b materialised, then the readable ``tgo_masked_loss``
@@ -43,7 +46,10 @@ SHAPES = {  # (batch, masked-sequence length, hidden width, codebook + special t
 }
 MASK_RATIO = 0.6
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CASES = ("fused_triton", "fused_torch", "fused_two_pass", "full_logits", "full_logits_compile", "liger_fused_kto")
+CASES = ("fused_triton", "fused_triton_compile", "fused_triton_cudagraph", "fused_triton_bf16_logits", "fused_torch",
+         "fused_two_pass", "full_logits", "full_logits_compile", "liger_fused_kto")
+GPU_ONLY = ("fused_triton", "fused_triton_compile", "fused_triton_cudagraph", "fused_triton_bf16_logits",
+            "liger_fused_kto")
 
 
 def make_inputs(shape: dict, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
@@ -76,12 +82,18 @@ def loss_function(case: str, device: str):
 
     from tgo_fast.loss import logprob_from_logits, tgo_fused_linear_masked_loss, tgo_masked_loss, tgo_objective
 
-    if case in ("fused_triton", "fused_torch"):
-        impl = "triton" if case == "fused_triton" else "torch"
+    if case in ("fused_triton", "fused_torch", "fused_triton_cudagraph", "fused_triton_bf16_logits"):
+        impl = "torch" if case == "fused_torch" else "triton"
+        logits_dtype = torch.bfloat16 if case == "fused_triton_bf16_logits" else torch.float32
         return lambda x: tgo_fused_linear_masked_loss(
             x["hidden"], x["weight"], x["targets"], x["scores"], x["threshold"], bias=x["bias"],
-            ref_logp=x["ref_logp"], impl=impl,
+            ref_logp=x["ref_logp"], impl=impl, logits_dtype=logits_dtype,
         )
+    if case == "fused_triton_compile":
+        torch._dynamo.reset()
+        compiled = torch.compile(tgo_fused_linear_masked_loss, fullgraph=True, dynamic=False)
+        return lambda x: compiled(x["hidden"], x["weight"], x["targets"], x["scores"], x["threshold"], bias=x["bias"],
+                                  ref_logp=x["ref_logp"], impl="triton")
     if case == "fused_two_pass":
         return lambda x: fused_linear_masked_loss(
             x["hidden"], x["weight"], x["targets"], x["scores"], x["threshold"], bias=x["bias"],
@@ -92,7 +104,7 @@ def loss_function(case: str, device: str):
             torch.nn.functional.linear(x["hidden"], x["weight"], x["bias"]), None, x["targets"], x["scores"],
             x["threshold"], ref_logp=x["ref_logp"],
         )
-    if case == "full_logits_compile":  # the reference math without its input checks (they break the graph)
+    if case == "full_logits_compile":  # the reference math alone, compiled
         def full_logits_math(hidden, weight, bias, targets, scores, threshold, ref_logp):
             logp = logprob_from_logits(torch.nn.functional.linear(hidden, weight, bias), targets)
             return tgo_objective(logp - ref_logp, scores, threshold, 5.0, "mean")[0]
@@ -116,7 +128,7 @@ def loss_function(case: str, device: str):
 
 
 def available_cases(device: str) -> list[str]:
-    cases = [c for c in CASES if device == "cuda" or c not in ("fused_triton", "liger_fused_kto")]
+    cases = [c for c in CASES if device == "cuda" or c not in GPU_ONLY]
     if "liger_fused_kto" in cases:
         try:
             import liger_kernel.chunked_loss  # noqa: F401
@@ -125,10 +137,30 @@ def available_cases(device: str) -> list[str]:
     return cases
 
 
-def step_function(loss_of, inputs: dict, device: str):
+def step_function(loss_of, inputs: dict, device: str, cudagraph: bool = False):
     """One forward + backward; the gradients are dropped at the end, so every step allocates them afresh
-    (and the memory in use before a step holds none)."""
+    (and the memory in use before a step holds none). With ``cudagraph``: the replay of the step captured once
+    (its gradients live in the graph's own buffers, as in a CUDA-graphed training step)."""
     leaves = [inputs["hidden"], inputs["weight"], inputs["bias"]]
+    if cudagraph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the capture: Triton JIT, cuBLAS, the allocator
+            loss_of(inputs).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        for leaf in leaves:
+            leaf.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = loss_of(inputs)
+            static_loss.backward()
+
+        def replay():
+            graph.replay()
+            torch.cuda.synchronize()
+            return static_loss.detach()
+
+        return replay
 
     def step():
         loss = loss_of(inputs)
@@ -174,7 +206,8 @@ def run(shape_name: str, dtype: torch.dtype, device: str, cases, repeats: int, m
     inputs = make_inputs(SHAPES[shape_name], dtype, device)
     steps, rows = {}, {}
     for case in cases:
-        steps[case] = step_function(loss_function(case, device), inputs, device)
+        steps[case] = step_function(loss_function(case, device), inputs, device,
+                                    cudagraph=case == "fused_triton_cudagraph")
         steps[case]()  # warm up: Triton JIT, torch.compile, allocator, thread pools
         rows[case] = {"case": case, "peak_bytes": peak_memory_bytes(steps[case], device)}
     if measure_time and device == "cuda":
@@ -219,7 +252,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-time", action="store_true", help="peak memory only")
     parser.add_argument("--no-plot", action="store_true", help="JSON only")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--check-args", action="store_true", help="parse the arguments, print them and exit")
     args = parser.parse_args(argv)
+    if args.check_args:
+        print(vars(args))
+        return vars(args)
 
     device = args.device
     shape_name = args.shape or ("meissonic" if device == "cuda" else "cpu")
@@ -238,10 +275,11 @@ def main(argv=None) -> dict:
             summary[row["case"]] = {"peak_memory_reduction_vs_full_logits": 1 - row["peak_bytes"] / reference["peak_bytes"]}
             if "fwd_bwd_ms" in row:
                 summary[row["case"]]["speedup_vs_full_logits"] = reference["fwd_bwd_ms"] / row["fwd_bwd_ms"]
-    if "liger_fused_kto" in by_case and "fused_triton" in by_case and "fwd_bwd_ms" in by_case["fused_triton"]:
-        summary["fused_triton"]["speedup_vs_liger_fused_kto"] = (
-            by_case["liger_fused_kto"]["fwd_bwd_ms"] / by_case["fused_triton"]["fwd_bwd_ms"]
-        )
+    for case in ("fused_triton", "fused_triton_compile", "fused_triton_cudagraph", "fused_triton_bf16_logits"):
+        if "liger_fused_kto" in by_case and case in by_case and "fwd_bwd_ms" in by_case[case]:
+            summary.setdefault(case, {})["speedup_vs_liger_fused_kto"] = (
+                by_case["liger_fused_kto"]["fwd_bwd_ms"] / by_case[case]["fwd_bwd_ms"]
+            )
     device_name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     slug = re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name().lower()).strip("_") if device == "cuda" else "cpu"
     result = {

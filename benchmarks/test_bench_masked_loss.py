@@ -4,7 +4,8 @@
     pytest benchmarks/test_bench_masked_loss.py --benchmark-disable  # CI: every row runs once
 
 Shape: B=2, L=1024, H=256, V=8256 on CPU (~60% masked; the Meissonic shape on CUDA). Rows: the fused op
-(PyTorch chunked step; the Triton kernel too on CUDA), its two-pass schedule, the full-logits reference,
+(PyTorch chunked step; on CUDA the Triton kernel too: eager, compiled, CUDA-graphed, bf16 logits), its two-pass
+schedule, the full-logits reference,
 and torch.compile of the full-logits math (CUDA only here: its first compile takes ~35 s on a 2-core CPU;
 ``benchmarks/gpu_masked_loss.py --device cpu`` runs it). The peak-memory check runs the script in a
 subprocess (peak resident set on CPU, see its docstring) and asserts the ≥ 80% reduction.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gpu_masked_loss import SHAPES, available_cases, loss_function, make_inputs, step_function
+from gpu_masked_loss import CASES, SHAPES, available_cases, loss_function, make_inputs, step_function
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -32,9 +33,7 @@ def expected_loss():
         return loss_function("full_logits", DEVICE)(inputs).item()
 
 
-@pytest.mark.parametrize(
-    "case", ["fused_triton", "fused_torch", "fused_two_pass", "full_logits", "full_logits_compile", "liger_fused_kto"]
-)
+@pytest.mark.parametrize("case", list(CASES))
 def test_masked_loss_forward_backward(benchmark, case, expected_loss):
     if case not in available_cases(DEVICE):
         pytest.skip(f"{case} needs a GPU (and liger_kernel for liger_fused_kto)")
@@ -42,7 +41,7 @@ def test_masked_loss_forward_backward(benchmark, case, expected_loss):
         pytest.skip("torch.compile's first compile takes ~35 s on this CPU: run benchmarks/gpu_masked_loss.py")
     inputs = make_inputs(SHAPES[SHAPE], DTYPE, DEVICE)
     loss_of = loss_function(case, DEVICE)
-    step = step_function(loss_of, inputs, DEVICE)
+    step = step_function(loss_of, inputs, DEVICE, cudagraph=case == "fused_triton_cudagraph")
     if CUDA:
         step()  # warm up: Triton JIT, torch.compile, the caching allocator
     benchmark.extra_info.update(case=case, device=DEVICE, dtype=str(DTYPE), **SHAPES[SHAPE])

@@ -28,7 +28,8 @@ The ops are ``torch.library`` custom ops with fake (meta) implementations and re
 so ``torch.compile(fullgraph=True)`` keeps them in one graph and CUDA graphs can capture them:
 
 * ``tgo_fast::fused_linear_masked_tgo`` (the ``single_pass`` schedule, default for reduction
-  "mean"/"sum" when a gradient is needed): chunks hold whole samples, so g_i is known as soon as
+  "mean"/"sum" when a gradient is needed and a sample's L rows fit in ``chunk_rows``): chunks hold
+  whole samples, so g_i is known as soon as
   the chunk's log-probs are; all gradients are computed in forward (3 matmuls per row) and
   backward only scales them by the scalar grad_output, in fp32.
 * ``tgo_fast::masked_token_logprob`` + ``tgo_fast::masked_token_logprob_backward`` (``two_pass``):
@@ -756,8 +757,8 @@ def fused_linear_masked_loss(hidden, weight, targets, scores, threshold, *, bias
     or (B,) for reduction "none"), and with ``return_stats`` a dict of detached (B,) fp32 tensors.
 
     schedule: "single_pass" (gradients in forward, chunks of whole samples), "two_pass" (backward
-    recomputes the logits) or "auto" (single pass when a gradient is needed and reduction is
-    "mean"/"sum"). chunk_rows: rows per chunk (default: a logits chunk about the size of the hidden rows,
+    recomputes the logits) or "auto" (single pass when a gradient is needed, reduction is "mean"/"sum"
+    and a whole sample fits in chunk_rows, so that the chunk budget bounds the memory either way). chunk_rows: rows per chunk (default: a logits chunk about the size of the hidden rows,
     ≥ 256; a single-pass chunk holds at least one whole sample). logits_dtype: precision of the per-chunk
     logits, torch.float32 (default) or torch.bfloat16 / torch.float16 (half the chunk memory; log-softmax
     still accumulated in fp32). validate: value checks (``tgo_fast._validation``), never a host sync.
@@ -781,8 +782,10 @@ def fused_linear_masked_loss(hidden, weight, targets, scores, threshold, *, bias
     needs = _needs_grad(hidden, weight, bias)
     if schedule == "single_pass" and reduction == "none":
         raise ValueError("schedule='single_pass' needs reduction 'mean' or 'sum'; use 'two_pass' for 'none'")
-    if schedule == "auto":
-        schedule = "single_pass" if any(needs) and reduction != "none" else "two_pass"
+    if schedule == "auto":  # the single pass when its whole-sample chunks fit the chunk budget
+        sample_len = hidden.numel() // (hidden.shape[0] * hidden.shape[-1])
+        single = any(needs) and reduction != "none" and sample_len <= chunk_rows
+        schedule = "single_pass" if single else "two_pass"
 
     if schedule == "single_pass":
         tau_tensor = threshold if isinstance(threshold, torch.Tensor) else None

@@ -46,7 +46,7 @@ def _check_diffusion(model_pred, ref_pred, target, ref_error, temperature, valid
     V.check_float_tensor(model_pred, "model_pred")
     V.check_float_tensor(target, "target")
     V.check_same_shape(target, "target", model_pred, "model_pred")
-    if model_pred[0].numel() == 0:
+    if model_pred.numel() == 0:  # the batch is not empty (checked above): a sample is
         raise ValueError(f"model_pred has shape {tuple(model_pred.shape)}: each sample needs at least one element")
     if (ref_pred is None) == (ref_error is None):
         raise ValueError(
@@ -68,21 +68,24 @@ def _check_diffusion(model_pred, ref_pred, target, ref_error, temperature, valid
     V.check_positive(temperature, "temperature")
 
 
-def diffusion_implicit_score(model_pred, ref_pred, target, ref_error, beta, temperature):
-    """ŝ = (β/T)·Δ with Δ in the product form of SPEC §2; returns (ŝ, e_θ, e_ref), each (B,)."""
+def diffusion_implicit_score(model_pred, ref_pred, target, ref_error, beta, temperature, errors=True):
+    """ŝ = (β/T)·Δ with Δ in the product form of SPEC §2; returns (ŝ, e_θ, e_ref), each (B,) (e_θ and e_ref
+    None when ``errors=False`` and Δ does not need them: the loss alone skips their passes)."""
     dtype = compute_dtype(model_pred)
     batch = model_pred.shape[0]
     pred = model_pred.to(dtype).reshape(batch, -1)
     target = target.detach().to(dtype).reshape(batch, -1)
-    policy_error = (pred - target).square().mean(dim=1)
-    if ref_pred is not None:
-        ref = ref_pred.detach().to(dtype).reshape(batch, -1)
-        reference_error = (ref - target).square().mean(dim=1)
-        # Δ from the per-element product: exactly 0 when pred == ref, no cancellation of two large means.
-        delta = ((ref - pred) * (ref + pred - 2.0 * target)).mean(dim=1)
-    else:
+    if ref_pred is None:
+        policy_error = (pred - target).square().mean(dim=1)
         reference_error = ref_error.detach().to(dtype)
-        delta = reference_error - policy_error
+        return (beta / temperature) * (reference_error - policy_error), policy_error, reference_error
+    ref = ref_pred.detach().to(dtype).reshape(batch, -1)
+    # Δ from the per-element product: exactly 0 when pred == ref, no cancellation of two large means.
+    delta = ((ref - pred) * (ref + pred - 2.0 * target)).mean(dim=1)
+    if not errors:
+        return (beta / temperature) * delta, None, None
+    policy_error = (pred - target).square().mean(dim=1)
+    reference_error = (ref - target).square().mean(dim=1)
     return (beta / temperature) * delta, policy_error, reference_error
 
 
@@ -137,7 +140,7 @@ def tgo_diffusion_loss(
             reduction=reduction, ref_error=ref_error, return_stats=return_stats,
         )
     implicit_score, policy_error, reference_error = diffusion_implicit_score(
-        model_pred, ref_pred, target, ref_error, beta, temperature
+        model_pred, ref_pred, target, ref_error, beta, temperature, errors=return_stats
     )
     loss, labels, weights = tgo_objective(implicit_score, scores, threshold, c, reduction)
     if not return_stats:
