@@ -278,8 +278,8 @@ def test_sd3_options_reach_the_adapter(tmp_path):
     assert cfg.model_options() == {"weighting_scheme": "mode", "mode_scale": 0.5, "max_sequence_length": 16}
     adapter = Trainer._build_adapter(types.SimpleNamespace(cfg=cfg, precision="fp32", device=torch.device("cpu")))
     assert isinstance(adapter, SD3Adapter) and adapter.max_sequence_length == 16
-    assert adapter.timestep_density == {"weighting_scheme": "mode", "logit_mean": 0.0, "logit_std": 1.0,
-                                        "mode_scale": 0.5}
+    assert adapter.flow_matching.density == {"weighting_scheme": "mode", "logit_mean": 0.0, "logit_std": 1.0,
+                                             "mode_scale": 0.5}
     assert SD3_WEIGHTING_SCHEMES == WEIGHTING_SCHEMES
     # SD3's default density is logit_normal, so its parameters need no explicit weighting_scheme
     assert TrainConfig(model="sd3", logit_std=2.0).model_options() == {"logit_std": 2.0}

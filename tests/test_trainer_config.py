@@ -139,8 +139,8 @@ def test_family_options_reach_the_adapter(tmp_path):
     trainer = types.SimpleNamespace(cfg=cfg, precision="fp32", device=torch.device("cpu"))
     adapter = Trainer._build_adapter(trainer)
     assert adapter.guidance_scale == 1.0 and adapter.max_sequence_length == 16
-    assert adapter.timestep_density == {"weighting_scheme": "logit_normal", "logit_mean": 0.5, "logit_std": 2.0,
-                                        "mode_scale": 1.29}
+    assert adapter.flow_matching.density == {"weighting_scheme": "logit_normal", "logit_mean": 0.5, "logit_std": 2.0,
+                                             "mode_scale": 1.29}
     assert TrainConfig(model="sdxl", prediction_type="v_prediction").model_options() == {"prediction_type": "v_prediction"}
     assert TrainConfig().model_options() == {}
 

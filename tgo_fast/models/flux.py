@@ -22,7 +22,6 @@ from typing import ClassVar
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -33,17 +32,16 @@ from .base import (
     load_component,
     model_dtype,
     place,
-    randn_per_sample,
-    sample_generators,
     save_backbone_state_dict,
     unwrap_model,
 )
+from .flow import DENSITY_SCHEMES, FlowMatching, timestep_density
 from .sd import resolve_resolution, tiny_vae, vae_scale_factor
 from .text import seeded_init, tiny_clip_text, tiny_t5_text
 
 __all__ = ["FluxAdapter"]
 
-WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")
+WEIGHTING_SCHEMES = DENSITY_SCHEMES
 
 
 class FluxAdapter(ModelAdapter):
@@ -100,13 +98,9 @@ class FluxAdapter(ModelAdapter):
         revision: str | None = None,
         variant: str | None = None,
     ) -> None:
-        if weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}")
+        density = timestep_density(weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
         self.pretrained, self.dtype, self.device = pretrained, dtype, torch.device(device)
         self.guidance_scale = float(guidance_scale)
-        self.timestep_density = dict(
-            weighting_scheme=weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
-        )
         if pretrained is None:
             self._build_tiny(tiny_seed)
         else:
@@ -124,9 +118,7 @@ class FluxAdapter(ModelAdapter):
         if isinstance(default_resolution, (list, tuple)):
             default_resolution = default_resolution[0]
         self.resolution = resolve_resolution(resolution, default_resolution, 2 * self.vae_scale_factor)
-        # Training tables, kept apart from any pipeline's set_timesteps (the example's scheduler copy).
-        self.train_timesteps = self.noise_scheduler.timesteps.clone().float()
-        self.train_sigmas = self.noise_scheduler.sigmas.clone().float()
+        self.flow_matching = FlowMatching(self.noise_scheduler, density)
         frozen = [self.vae, self.text_encoder, self.text_encoder_2]
         for module in [*frozen, self.backbone]:
             place(module, self.device, dtype)
@@ -207,29 +199,14 @@ class FluxAdapter(ModelAdapter):
         [0, 1000], ``sigmas`` (B,), ``noise`` and ``target`` = ε − x0 (B, C, h, w).
         """
         latents = encoded["latents"].float()
-        batch_size, channels, height, width = latents.shape
-        generators = sample_generators(seeds, batch_size)
-        noise = randn_per_sample(generators, (channels, height, width), device=latents.device)
-        u = torch.cat(
-            [
-                compute_density_for_timestep_sampling(batch_size=1, generator=g, **self.timestep_density)
-                for g in generators
-            ]
-        )
-        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        indices = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
-        timesteps = self.train_timesteps[indices].to(latents.device)
-        sigmas = self.train_sigmas[indices].to(latents.device)
-
-        sigma = sigmas.view(batch_size, 1, 1, 1)
-        noisy_latents = (1.0 - sigma) * latents + sigma * noise
-        packed = FluxPipeline._pack_latents(noisy_latents, batch_size, channels, height, width)
+        draw = self.flow_matching.draw(latents, seeds)
+        packed = FluxPipeline._pack_latents(draw.noisy_latents, *latents.shape)
         return {
             "noisy_latents": packed,
-            "timesteps": timesteps,
-            "sigmas": sigmas,
-            "noise": noise,
-            "target": noise - latents,
+            "timesteps": draw.timesteps,
+            "sigmas": draw.sigmas,
+            "noise": draw.noise,
+            "target": draw.noise - latents,
         }
 
     def forward(self, model: nn.Module, encoded: dict[str, Tensor], inputs: dict[str, Tensor]) -> Tensor:

@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 from torch import Tensor, nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -40,11 +40,10 @@ from .base import (
     load_component,
     model_dtype,
     place,
-    randn_per_sample,
-    sample_generators,
     save_backbone_state_dict,
     unwrap_model,
 )
+from .flow import FlowMatching, timestep_density
 from .sd import TINY_RESOLUTION, resolve_resolution, tiny_vae, vae_scale_factor
 from .text import seeded_init, tiny_clip_text, tiny_t5_text
 
@@ -106,13 +105,13 @@ class SD3Adapter(ModelAdapter):
         revision: str | None = None,
         variant: str | None = None,
     ) -> None:
-        if weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}")
+        # cosmap / sigma_sqrt draw u uniformly (diffusers' density) and weight the loss instead.
+        density = timestep_density(
+            weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
+            schemes=WEIGHTING_SCHEMES,
+        )
         self.pretrained, self.dtype, self.device = pretrained, dtype, torch.device(device)
         self.weighting_scheme = weighting_scheme
-        self.timestep_density = dict(
-            weighting_scheme=weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
-        )
         if pretrained is None:
             self._build_tiny(tiny_seed)
         else:
@@ -134,9 +133,7 @@ class SD3Adapter(ModelAdapter):
                 f"resolution {self.resolution} is too large for this transformer: at most "
                 f"{max_patches * self.vae_scale_factor * patch_size} px (pos_embed_max_size={max_patches})"
             )
-        # Training tables, kept apart from any pipeline's set_timesteps (the example's scheduler copy).
-        self.train_timesteps = self.noise_scheduler.timesteps.clone().float()
-        self.train_sigmas = self.noise_scheduler.sigmas.clone().float()
+        self.flow_matching = FlowMatching(self.noise_scheduler, density)
         place(self.backbone, self.device, dtype)
         # The SD3 examples keep the VAE in fp32 whatever the training precision.
         freeze(place(self.vae, self.device, torch.float32))
@@ -213,29 +210,15 @@ class SD3Adapter(ModelAdapter):
         ``loss_weights`` λ(σ) (B,), ``noise`` and ``target`` = √λ · (ε − x0), all fp32.
         """
         latents = encoded["latents"].float()
-        batch_size = latents.shape[0]
-        generators = sample_generators(seeds, batch_size)
-        noise = randn_per_sample(generators, tuple(latents.shape[1:]), device=latents.device)
-        u = torch.cat(
-            [
-                compute_density_for_timestep_sampling(batch_size=1, generator=g, **self.timestep_density)
-                for g in generators
-            ]
-        )
-        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        indices = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
-        timesteps = self.train_timesteps[indices].to(latents.device)
-        sigmas = self.train_sigmas[indices].to(latents.device)
-        loss_weights = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas).float()
-
-        sigma = sigmas.view(batch_size, 1, 1, 1)
+        draw = self.flow_matching.draw(latents, seeds)
+        loss_weights = compute_loss_weighting_for_sd3(self.weighting_scheme, draw.sigmas).float()
         return {
-            "noisy_latents": (1.0 - sigma) * latents + sigma * noise,
-            "timesteps": timesteps,
-            "sigmas": sigmas,
+            "noisy_latents": draw.noisy_latents,
+            "timesteps": draw.timesteps,
+            "sigmas": draw.sigmas,
             "loss_weights": loss_weights,
-            "noise": noise,
-            "target": loss_weights.sqrt().view(batch_size, 1, 1, 1) * (noise - latents),
+            "noise": draw.noise,
+            "target": loss_weights.sqrt().view(-1, 1, 1, 1) * (draw.noise - latents),
         }
 
     def forward(self, model: nn.Module, encoded: dict[str, Tensor], inputs: dict[str, Tensor]) -> Tensor:

@@ -32,7 +32,6 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from diffusers.training_utils import compute_density_for_timestep_sampling
 from diffusers.utils import make_image_grid
 from torch import Tensor, nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
@@ -44,17 +43,16 @@ from .base import (
     load_component,
     model_dtype,
     place,
-    randn_per_sample,
-    sample_generators,
     save_backbone_state_dict,
     unwrap_model,
 )
+from .flow import DENSITY_SCHEMES, FlowMatching, timestep_density
 from .sd import resolve_resolution
 from .text import seeded_init, tiny_t5_tokenizer
 
 __all__ = ["WanAdapter", "frame_grid", "save_clip"]
 
-WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")
+WEIGHTING_SCHEMES = DENSITY_SCHEMES
 SAMPLING_SCHEDULERS = (UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler)
 GRID_FRAMES = 8  # frames shown in a validation frame grid (evenly spaced, first and last included)
 
@@ -112,17 +110,13 @@ class WanAdapter(ModelAdapter):
         revision: str | None = None,
         variant: str | None = None,
     ) -> None:
-        if weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}")
+        density = timestep_density(weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
         if not isinstance(fps, int) or isinstance(fps, bool) or fps <= 0:
             raise ValueError(f"fps must be a positive int, got {fps!r}")
         if flow_shift is not None and not flow_shift > 0:
             raise ValueError(f"flow_shift must be > 0, got {flow_shift!r}")
         self.pretrained, self.dtype, self.device = pretrained, dtype, torch.device(device)
         self.fps = fps
-        self.timestep_density = dict(
-            weighting_scheme=weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
-        )
         if pretrained is None:
             self._build_tiny(tiny_seed)
             default_frames, default_resolution = 5, 32
@@ -147,6 +141,7 @@ class WanAdapter(ModelAdapter):
         self.max_sequence_length = max_sequence_length
 
         self._set_schedulers(flow_shift)
+        self.flow_matching = FlowMatching(self.noise_scheduler, density)
         # The VAE stays fp32 (diffusers' Wan examples), the text encoder and transformer take the training dtype.
         freeze(place(self.vae, self.device, torch.float32))
         freeze(place(self.text_encoder, self.device, dtype))
@@ -220,7 +215,7 @@ class WanAdapter(ModelAdapter):
         self.sampling_scheduler = sampler.from_config(config)
 
     def _set_schedulers(self, flow_shift: float | None) -> None:
-        """The sampler with ``flow_shift`` (if given) and the training tables at the same shift."""
+        """The sampler with ``flow_shift`` (if given) and the training scheduler at the same shift."""
         shift_key = "flow_shift" if isinstance(self.sampling_scheduler, UniPCMultistepScheduler) else "shift"
         if flow_shift is not None:
             self.sampling_scheduler.register_to_config(**{shift_key: float(flow_shift)})
@@ -229,8 +224,6 @@ class WanAdapter(ModelAdapter):
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=self.sampling_scheduler.config.num_train_timesteps, shift=self.flow_shift
         )
-        self.train_timesteps = self.noise_scheduler.timesteps.clone().float()
-        self.train_sigmas = self.noise_scheduler.sigmas.clone().float()
 
     # --- training -----------------------------------------------------------------------------
     def _check_clips(self, pixel_values: Tensor, prompts: list[str]) -> Tensor:
@@ -294,26 +287,13 @@ class WanAdapter(ModelAdapter):
         ``noise`` and ``target`` = ε − x0 (B, C, F', h, w).
         """
         latents = encoded["latents"].float()
-        batch_size = latents.shape[0]
-        generators = sample_generators(seeds, batch_size)
-        noise = randn_per_sample(generators, tuple(latents.shape[1:]), device=latents.device)
-        u = torch.cat(
-            [
-                compute_density_for_timestep_sampling(batch_size=1, generator=g, **self.timestep_density)
-                for g in generators
-            ]
-        )
-        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        indices = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
-        timesteps = self.train_timesteps[indices].to(latents.device)
-        sigmas = self.train_sigmas[indices].to(latents.device)
-        sigma = sigmas.view(batch_size, 1, 1, 1, 1)
+        draw = self.flow_matching.draw(latents, seeds)
         return {
-            "noisy_latents": (1.0 - sigma) * latents + sigma * noise,
-            "timesteps": timesteps,
-            "sigmas": sigmas,
-            "noise": noise,
-            "target": noise - latents,
+            "noisy_latents": draw.noisy_latents,
+            "timesteps": draw.timesteps,
+            "sigmas": draw.sigmas,
+            "noise": draw.noise,
+            "target": draw.noise - latents,
         }
 
     def forward(self, model: nn.Module, encoded: dict[str, Tensor], inputs: dict[str, Tensor]) -> Tensor:
