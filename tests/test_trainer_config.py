@@ -190,15 +190,81 @@ def test_cli_overrides_yaml(tmp_path):
     assert cfg.pretrained is None and cfg.validation_prompts == ["a cat", "a dog"]
 
 
+def test_precedence_is_cli_over_yaml_over_defaults(tmp_path):
+    """Booleans as ``--key true|false``, ``null``/``none`` as None for any key that may be null, ``--lr`` and the
+    hyphenated spelling, on top of a YAML whose null and text values parse as their keys' types."""
+    path = tmp_path / "run.yaml"
+    path.write_text("lora: true\nref_mode: lora\nresolution: null\npretrained: none\nbeta: 2\nmax_steps: '5'\n"
+                    "validation_prompts: one prompt\nlearning_rate: 1e-4\n")
+    from_file = load_config(path)
+    assert (from_file.lora, from_file.resolution, from_file.pretrained, from_file.max_steps) == (True, None, None, 5)
+    assert from_file.beta == 2.0 and isinstance(from_file.beta, float) and from_file.learning_rate == 1e-4
+    assert from_file.validation_prompts == ["one prompt"] and from_file.c == TrainConfig().c
+    cfg, ds = parse_args(["--config", str(path), "--lora", "false", "--ref_mode", "precomputed", "--resolution", "16",
+                          "--max-steps", "7", "--lr", "2e-5", "--export", "false", "--threshold_file", "null"])
+    assert (cfg.lora, cfg.ref_mode, cfg.resolution, cfg.max_steps, cfg.learning_rate) == (False, "precomputed", 16, 7, 2e-5)
+    assert cfg.export is False and cfg.threshold_file is None and cfg.pretrained is None and ds is None
+    assert parse_args(["--config", str(path), "--lora"])[0].lora is True  # a bare boolean flag is true
+    assert load_config(path, overrides={"lora": "false", "ref_mode": "precomputed"}).lora is False
+
+
+def test_run_config_yaml_round_trips(tmp_path):
+    """The trainer writes ``to_dict()`` as the run's config.yaml; reading it back gives the same config."""
+    cfg = load_config(CONFIGS / "sd3.yaml", overrides={"max_steps": 3, "validation_guidance_scale": 2.5})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert parse_args(["--config", str(tmp_path / "config.yaml")])[0] == cfg
+
+
 def test_unknown_cli_flag_is_an_error(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--max_stepz", "3"])
-    assert "--max_stepz" in capsys.readouterr().err
+    assert "unrecognized arguments: --max_stepz 3; did you mean --max_steps?" in capsys.readouterr().err
 
 
-def test_invalid_cli_value_names_the_key():
-    with pytest.raises(ValueError, match="ref_mode must be one of"):
-        parse_args(["--ref_mode", "copy"])
+def test_help_lists_every_key_with_its_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"--{name}" in out for name in FIELD_NAMES)
+    assert "{separate,lora,precomputed}" in out and "--lr" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ref_mode", "copy"], r"ref_mode: invalid choice: 'copy' \(choose from 'separate', 'lora', 'precomputed'\)"),
+    (["--max_steps", "many"], "max_steps: invalid int value: 'many'"),
+    (["--lr", "fast"], "learning_rate: invalid float value: 'fast'"),
+    (["--lora", "maybe"], "lora: Truthy value expected: got maybe"),
+    (["--resolution", "none", "--beta", "-1"], "beta must be > 0, got -1.0"),
+])
+def test_invalid_cli_value_names_the_key(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_steps: many\n", "max_steps: invalid int value: 'many'"),
+    ("ref_mode: copy\n", "ref_mode must be one of separate, lora, precomputed; got 'copy'"),
+    ("max_steps: 2.5\n", "max_steps must be an integer, got 2.5"),
+    ("lora: maybe\n", "lora: Truthy value expected: got maybe"),
+    ("lora: 1\n", "lora must be a boolean"),
+    ("model: null\n", "model must not be null"),
+    ("validation_prompts: [a, 3]\n", "validation_prompts must be a list of strings"),
+    ("- model: sd15\n", "must hold a mapping of keys to values"),
+])
+def test_invalid_yaml_value_names_the_key(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(path)
+
+
+def test_train_script_reports_config_errors_as_usage_errors(capsys):
+    from tgo_fast.trainer import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ref_mode", "copy"])
+    assert exit_info.value.code == 2 and "ref_mode: invalid choice: 'copy'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ DeepSpeed config

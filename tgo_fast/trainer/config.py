@@ -3,31 +3,35 @@
     cfg = load_config("configs/sd15.yaml", overrides={"max_steps": 100})
     cfg = parse_args(["--config", "configs/tiny.yaml", "--ref_mode", "lora"])[0]
 
+``transformers.HfArgumentParser`` turns the dataclass into the command line (one ``--<key>`` per field, typed,
+``Literal`` fields as choices, booleans as ``--key true|false``); the YAML file's values become the parser's
+defaults, so the command line wins over the file and the file over the dataclass (docs/training.md).
 The run config owns the training hyper-parameters (batch sizes, learning rate, precision, clipping);
 the DeepSpeed JSON owns the engine (ZeRO stage, offload, communication). Keys of the DeepSpeed JSON
 that the run config owns may be ``"auto"`` (filled from the run config) or must agree with it
 (:func:`merge_deepspeed_config`). Every unknown key and every invalid value is a ``ValueError`` that
-names the key.
+names the key (an unknown command-line flag: a usage error).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from transformers import HfArgumentParser
 
 __all__ = [
     "TrainConfig",
     "load_config",
-    "config_from_dict",
     "build_arg_parser",
     "parse_args",
     "merge_deepspeed_config",
@@ -35,15 +39,17 @@ __all__ = [
     "DEFAULT_VALIDATION_PROMPTS",
 ]
 
-MODELS = ("sd15", "sdxl", "flux", "sd3", "wan", "amused", "meissonic")
-LOSSES = ("tgo", "sft", "kto", "dpo")
-THRESHOLD_MODES = ("global", "per_prompt", "log_partition")  # tgo_fast.threshold
-REF_MODES = ("separate", "lora", "precomputed")
-REF_UPDATES = ("none", "epoch")
-THRESHOLD_UPDATES = ("none", "proxy")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-IMPLS = ("auto", "torch", "triton")
+# The choices of the run config's enumerated keys: argparse choices on the command line, checked in validate().
+Model = Literal["sd15", "sdxl", "flux", "sd3", "wan", "amused", "meissonic"]
+Loss = Literal["tgo", "sft", "kto", "dpo"]
+ThresholdMode = Literal["global", "per_prompt", "log_partition"]  # tgo_fast.threshold
+RefMode = Literal["separate", "lora", "precomputed"]
+RefUpdate = Literal["none", "epoch"]
+ThresholdUpdate = Literal["none", "proxy"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+Impl = Literal["auto", "torch", "triton"]
+MODELS = typing.get_args(Model)
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # tgo_fast.models.sd
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")  # tgo_fast.models.flux, tgo_fast.models.wan
 SD3_WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")  # tgo_fast.models.sd3
@@ -75,7 +81,7 @@ class TrainConfig:
     """Every key of a run YAML (defaults = ``configs/tiny.yaml``, the embedded default run)."""
 
     # --- model
-    model: str = "sd15"  # family: sd15 | sdxl | flux | sd3 | wan | amused | meissonic
+    model: Model = "sd15"  # family: sd15 | sdxl | flux | sd3 | wan | amused | meissonic
     pretrained: str | None = None  # hub id or local dir; "builtin" = the shipped tiny pretrained base; None = tiny random-init
     resolution: int | None = 32  # pixel side; None = the adapter's default
     # family options (MODEL_OPTIONS; None = the family's default, see docs/models.md)
@@ -106,33 +112,33 @@ class TrainConfig:
     micro_batch_size: int | None = None  # per rank and forward; None = train_batch_size / world size
     resume_from: str | None = None  # "latest" or a checkpoint directory
     # --- optimisation
-    learning_rate: float = 1e-5  # the paper's
-    lr_scheduler: str = "constant"
+    learning_rate: float = dataclasses.field(default=1e-5, metadata={"aliases": ["--lr"]})  # the paper's
+    lr_scheduler: LrScheduler = "constant"
     lr_warmup_steps: int = 0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 = no clipping
-    precision: str = "auto"  # auto (from the DeepSpeed JSON) | fp32 | bf16 | fp16
+    precision: Precision = "auto"  # auto (from the DeepSpeed JSON) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     # --- objective
-    loss: str = "tgo"  # tgo | sft (pseudo-positives only) | kto (Diffusion-KTO) | dpo (Diffusion-DPO on score pairs)
+    loss: Loss = "tgo"  # tgo | sft (pseudo-positives only) | kto (Diffusion-KTO) | dpo (Diffusion-DPO on score pairs)
     beta: float = 1.0
     temperature: float = 1e-3  # diffusion families only
     c: float = 5.0
     percentile: float = 50.0
     threshold_file: str | None = None  # JSON with "tau" (e.g. a previous run's threshold.json)
-    threshold_mode: str = "global"  # global (one τ) | per_prompt (percentile per prompt) | log_partition (b̂(x))
+    threshold_mode: ThresholdMode = "global"  # global (one τ) | per_prompt (percentile per prompt) | log_partition (b̂(x))
     log_partition_beta: float = 1.0  # β_r of log_partition: b̂(x) = β_r·log mean_k exp(s_k/β_r)
     dpo_min_gap: float = 0.0  # dpo: pair two samples of a prompt when their scores differ by > 0 and ≥ this
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
-    impl: str = "auto"  # loss implementation: auto | torch | triton
+    impl: Impl = "auto"  # loss implementation: auto | torch | triton
     # --- reference policy
-    ref_mode: str = "separate"  # separate | lora | precomputed
-    ref_update: str = "none"  # none | epoch (π_ref ← π_θ after each epoch; separate/precomputed)
-    threshold_update: str = "none"  # none | proxy (re-estimate τ on a fresh proxy set after each π_ref ← π_θ)
+    ref_mode: RefMode = "separate"  # separate | lora | precomputed
+    ref_update: RefUpdate = "none"  # none | epoch (π_ref ← π_θ after each epoch; separate/precomputed)
+    threshold_update: ThresholdUpdate = "none"  # none | proxy (re-estimate τ on a fresh proxy set after each π_ref ← π_θ)
     reward: str | None = None  # scorer of proxy sets and validation images: "builtin" or "package.module:function"
     val_reward: str | None = None  # validation images' scorer instead of `reward`: NAME[=PRETRAINED][,KEY=VALUE] (docs/pipeline.md)
     proxy_size: int = 64  # images generated from π_ref (training prompts) per re-estimation
@@ -159,18 +165,8 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
-        hints = typing.get_type_hints(type(self))
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, _coerce(field.name, getattr(self, field.name), hints[field.name]))
-        _choice("model", self.model, MODELS)
-        _choice("loss", self.loss, LOSSES)
-        _choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
-        _choice("ref_mode", self.ref_mode, REF_MODES)
-        _choice("ref_update", self.ref_update, REF_UPDATES)
-        _choice("threshold_update", self.threshold_update, THRESHOLD_UPDATES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        _choice("impl", self.impl, IMPLS)
+        for name, hint in typing.get_type_hints(type(self)).items():
+            setattr(self, name, _checked(name, getattr(self, name), hint))
         for name in ("max_steps", "train_batch_size", "builtin_num_samples", "lora_rank", "log_interval",
                      "validation_inference_steps", "validation_images_per_prompt", "proxy_size",
                      "proxy_inference_steps"):
@@ -281,64 +277,43 @@ class TrainConfig:
         return self.data is None or self.data == "builtin"
 
 
-# ---------------------------------------------------------------------------------- coercion
-def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", str(annotation))
+# ------------------------------------------------------------------------------ value checks
+_TYPE_WORDS = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
 
 
-def _coerce(name: str, value: Any, annotation) -> Any:
-    """``value`` as the field's type; strings from the CLI or YAML 1.1 ("1e-5") are parsed."""
-    optional = False
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        members = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = len(members) < len(typing.get_args(annotation))
-        annotation = members[0]
-        origin = typing.get_origin(annotation)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "~")):
-        if optional:
+def _optional_member(hint) -> Any:
+    """``X`` of an ``X | None`` hint, else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return None
+
+
+def _checked(name: str, value: Any, hint) -> Any:
+    """``value`` if it has the field's type (an int for a float, a whole float for an int, one string for a list
+    of strings are accepted and converted); else a ValueError that names the key. Text is parsed by the parser."""
+    if _optional_member(hint) is not None:
+        if value is None:
             return None
-        raise ValueError(f"{name} must not be null (expected {_type_name(annotation)})")
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
+        hint = _optional_member(hint)
+    elif value is None:
+        raise ValueError(f"{name} must not be null")
+    if typing.get_origin(hint) is Literal:
+        _choice(name, value, typing.get_args(hint))
+        return value
+    if typing.get_origin(hint) is list:
+        value = [value] if isinstance(value, str) else value
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"{name} must be a list of strings, got {value!r}")
         return list(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ValueError(f"{name} must be a boolean (true/false), got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        if isinstance(value, int):
-            return value
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        try:
-            result = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
-        if not math.isfinite(result):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-        return result
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"{name}: unsupported field type {annotation!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+        raise ValueError(f"{name} must be {_TYPE_WORDS[hint]}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
 
 
 def _choice(name: str, value: str, choices) -> None:
@@ -361,8 +336,9 @@ def _nonnegative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be ≥ 0, got {value}")
 
 
-# ------------------------------------------------------------------------------------ loading
+# ------------------------------------------------------------------------------------ parsing
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+NULL_WORDS = ("none", "null", "~")  # spellings of None for a key that may be null (YAML's and Python's)
 
 
 def _check_keys(keys, where: str) -> None:
@@ -373,60 +349,77 @@ def _check_keys(keys, where: str) -> None:
             raise ValueError(f"unknown config key {key!r} in {where}{hint} (valid keys: {', '.join(FIELD_NAMES)})")
 
 
-def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConfig:
-    _check_keys(values, where)
-    return TrainConfig(**values)
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ValueError(f"config: no such file {os.fspath(path)!r}")
+    loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config: {os.fspath(path)!r} must hold a mapping of keys to values, got {type(loaded).__name__}")
+    _check_keys(loaded, os.fspath(path))
+    return loaded
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The run config from a YAML file (or the defaults when ``path`` is None) with ``overrides`` on top."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config: no such file {str(path)!r}")
-        with open(path) as f:
-            loaded = yaml.safe_load(f)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config: {str(path)!r} must hold a mapping of keys to values, got {type(loaded).__name__}")
-        _check_keys(loaded, str(path))
-        values.update(loaded)
-    if overrides:
-        _check_keys(overrides, "overrides")
-        values.update(overrides)
-    return TrainConfig(**values)
+def _or_null(parse):
+    """``parse`` for a key that may be null: "null", "none" and "~" (any case) are None."""
+    @functools.wraps(parse)  # keeps the name argparse's "invalid <type> value" message shows
+    def parse_or_null(text: str):
+        return None if text.lower() in NULL_WORDS else parse(text)
+
+    return parse_or_null
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    """``--ds_config``, ``--config`` and one ``--<key>`` option per run-config key (value parsed as the key's type)."""
-    parser = argparse.ArgumentParser(
-        description="Threshold-Guided Optimization (TGO) of a text-to-image model with DeepSpeed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def build_arg_parser() -> HfArgumentParser:
+    """``--ds_config``, ``--config`` and one typed ``--<key>`` option per run-config key (HfArgumentParser)."""
+    parser = HfArgumentParser(
+        TrainConfig, exit_on_error=False,  # a bad value raises, so that _parse names its key in a ValueError
+        description="Threshold-Guided Optimization (TGO) of a text-to-image model with DeepSpeed. Every run-config "
+                    "key is an option; precedence: command line > --config YAML > these defaults.",
     )
+    hints = typing.get_type_hints(TrainConfig)
+    for action in parser._actions:  # HfArgumentParser parses X | None as X: let "null" stand for None too
+        if action.dest in hints and action.type is not None and _optional_member(hints[action.dest]) is not None:
+            action.type = _or_null(action.type)
     parser.add_argument("--ds_config", default=None,
                         help="DeepSpeed JSON (default: configs/zero3_gpu_bf16.json with CUDA, configs/zero3_cpu.json otherwise)")
     parser.add_argument("--config", default=None, help="run YAML (default: the embedded tiny run)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    defaults = TrainConfig()
-    group = parser.add_argument_group("run config overrides (any key of the run YAML)")
-    for field in dataclasses.fields(TrainConfig):
-        default = getattr(defaults, field.name)
-        if isinstance(default, list):
-            group.add_argument(f"--{field.name}", nargs="+", default=None, help=f"(default: {default})")
-        else:
-            group.add_argument(f"--{field.name}", type=str, default=None, metavar="VALUE",
-                               help=f"(default: {default})")
-    group.add_argument("--lr", dest="learning_rate", type=str, default=None, metavar="VALUE", help="alias of --learning_rate")
     return parser
 
 
+def _parse(parser: HfArgumentParser, argv: list[str] | None, values: dict[str, Any]) -> tuple[TrainConfig, argparse.Namespace]:
+    """The run config from ``values`` (YAML / overrides; text is parsed as the key's type) under ``argv``."""
+    parser.set_defaults(**values)  # TRL's TrlParser pattern: the file fills the defaults, the flags override them
+    try:
+        cfg, extra, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True,
+                                                                 look_for_args_file=False)
+    except argparse.ArgumentError as error:  # a value that does not parse as its key's type or choices
+        key = (error.argument_name or "").split("/")[0].lstrip("-")  # HfArgumentParser's first flag is --<key>
+        raise ValueError(f"{key}: {error.message}") from None
+    if unknown:
+        flag = next((arg.split("=")[0] for arg in unknown if arg.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(flag, list(parser._option_string_actions), n=1)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {close[0]}?" if close else ""))
+    return cfg, extra
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The run config from a YAML file (or the defaults when ``path`` is None) with ``overrides`` on top."""
+    values = _read_yaml(path) if path is not None else {}
+    if overrides:
+        _check_keys(overrides, "overrides")
+        values.update(overrides)
+    return _parse(build_arg_parser(), [], values)[0]
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
-    """(run config, DeepSpeed JSON path) from the command line."""
-    args = build_arg_parser().parse_args(argv)
-    overrides = {name: getattr(args, name) for name in FIELD_NAMES if getattr(args, name) is not None}
-    return load_config(args.config, overrides), args.ds_config
+    """(run config, DeepSpeed JSON path) from the command line: ``--config FILE`` then ``--<key> VALUE`` overrides."""
+    config_flag = argparse.ArgumentParser(add_help=False)
+    config_flag.add_argument("--config", default=None)
+    config_path = config_flag.parse_known_args(argv)[0].config
+    cfg, extra = _parse(build_arg_parser(), argv, _read_yaml(config_path) if config_path is not None else {})
+    return cfg, extra.ds_config
 
 
 # -------------------------------------------------------------------------- DeepSpeed config
