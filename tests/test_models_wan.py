@@ -398,3 +398,42 @@ def test_reference_modes_start_at_ln2_mean_weight_then_train_and_export(tmp_path
         assert grid.size == (5 * 64, 64)  # one validation clip of the tiny model's 5 frames, as a frame grid
     for ref_mode, loss in losses.items():
         torch.testing.assert_close(loss, losses["separate"], rtol=0, atol=1e-4, msg=ref_mode)
+
+
+@pytest.fixture
+def clips_of_three_lengths(tmp_path):
+    """A scored jsonl of two GIF clips at the tiny model's 16 fps, 7 and 11 frames long, and a 9-frame directory
+    (a clip PIL cannot decode as one image)."""
+    for name, count in (("short.gif", 7), ("long.gif", 11)):
+        save_clip(_frames(count), tmp_path / name, fps=16)
+    (tmp_path / "frames").mkdir()
+    for i, frame in enumerate(_frames(9)):
+        frame.save(tmp_path / "frames" / f"{i:03d}.png")
+    rows = [{"prompt": PROMPTS[0], "image": "short.gif", "score": 0.3},
+            {"prompt": PROMPTS[1], "image": "long.gif", "score": 0.8},
+            {"prompt": PROMPTS[2], "image": "frames", "score": 0.5}]
+    (tmp_path / "scored.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data_mode", ["cached", "streamed", "uncached"])
+def test_clips_of_different_lengths_train_as_num_frames_clips(clips_of_three_lengths, data_mode, tmp_path, cache_dir):
+    """The trainer reads each clip row as the adapter's num_frames frames at its fps (map-style, streamed, or
+    uncached), so clips of 7, 11 and 9 frames batch together; one step trains."""
+    from tgo_fast.trainer import Trainer
+
+    cfg = tiny_run_config(tmp_path, cache_dir, data=str(clips_of_three_lengths / "scored.jsonl"), resolution=32,
+                          train_batch_size=3, max_steps=1, streaming=data_mode == "streamed",
+                          cache_encodings=data_mode != "uncached")
+    trainer = Trainer(cfg, ROOT / "configs" / "zero3_cpu.json")
+    expected = torch.stack([load_clip(str(clips_of_three_lengths / name), 32, num_frames=5, fps=16)
+                            for name in ("short.gif", "long.gif", "frames")])
+    if data_mode == "uncached":
+        torch.testing.assert_close(torch.stack([trainer.train_dataset[i]["pixel_values"] for i in range(3)]), expected)
+    else:
+        latents = torch.stack([trainer.train_dataset[i]["encoded"]["latents"] for i in range(3)])
+        torch.testing.assert_close(latents, trainer.adapter.encode(expected, PROMPTS)["latents"])
+        assert latents.shape[2] == 2  # 5 frames → 1 + 4/4 latent frames
+    rows = [row for row in trainer.train() if "loss" in row]
+    assert [row["step"] for row in rows] == [1] and math.isfinite(rows[0]["loss"])

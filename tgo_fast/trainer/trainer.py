@@ -222,10 +222,10 @@ class Trainer:
 
     def _training_dataset(self):
         """The encoded cache (pre-pass: each rank encodes its chunks, every rank reads all) or raw images."""
-        from ..data import ScoredImageDataset, collate_scored
+        from ..data import collate_scored
 
         if not self.cfg.cache_encodings:
-            return ScoredImageDataset(self.dataset, resolution=self.adapter.resolution), collate_scored
+            return self._scored_images(self.dataset), collate_scored
         key = encoding_cache_key(self._dataset_fingerprint(), self._adapter_identity())
         root = Path(self.cfg.cache_dir or Path.home() / ".cache" / "tgo_fast" / "encodings") / f"{self.cfg.model}-{key}"
         cache = EncodingCache(root, self.num_samples)
@@ -233,7 +233,7 @@ class Trainer:
         if _is_stream(self.dataset):
             self._encode_stream(cache, mine)
         else:
-            images = ScoredImageDataset(self.dataset, resolution=self.adapter.resolution)
+            images = self._scored_images(self.dataset)
             for chunk in mine:
                 self._encode_chunk(cache, chunk, images, list(cache.chunk_indices(chunk)))
         D.barrier()
@@ -241,6 +241,14 @@ class Trainer:
             raise RuntimeError(f"encoding cache {root} is incomplete after the pre-pass")
         self._move_frozen(torch.device("cpu"))  # idle until validation: off the accelerator
         return EncodedDataset(cache, self.scores), collate_encoded
+
+    def _scored_images(self, dataset):
+        """``dataset``'s rows decoded at the adapter's resolution; for a video family (``num_frames``, ``fps``) a
+        clip row gives num_frames frames at fps, so clips of different lengths batch together."""
+        from ..data import ScoredImageDataset
+
+        clip_options = {key: getattr(self.adapter, key) for key in ("num_frames", "fps") if hasattr(self.adapter, key)}
+        return ScoredImageDataset(dataset, resolution=self.adapter.resolution, **clip_options)
 
     def _encode_chunk(self, cache: EncodingCache, chunk: int, images, positions: list[int]) -> None:
         from ..data import collate_scored
@@ -255,10 +263,10 @@ class Trainer:
         """One pass over the stream: the rows of this rank's chunks are collected and encoded chunk by chunk."""
         import datasets
 
-        from ..data import ScoredImageDataset
-
+        # Undecoded image values (path / bytes): the rows' loader reads video files and frame directories too.
+        stream = self.dataset.cast_column("image", datasets.Image(decode=False))
         pending: dict[int, list[dict]] = {chunk: [] for chunk in chunks}
-        for index, row in enumerate(self.dataset):
+        for index, row in enumerate(stream):
             if not pending:
                 break
             chunk = index // cache.chunk_size
@@ -266,8 +274,8 @@ class Trainer:
                 continue
             pending[chunk].append(row)
             if len(pending[chunk]) == len(cache.chunk_indices(chunk)):
-                rows = datasets.Dataset.from_list(pending.pop(chunk), features=self.dataset.features)
-                images = ScoredImageDataset(rows, resolution=self.adapter.resolution)
+                rows = datasets.Dataset.from_list(pending.pop(chunk), features=stream.features)
+                images = self._scored_images(rows)
                 self._encode_chunk(cache, chunk, images, list(range(len(rows))))
         if pending:
             raise ValueError(f"data={self.cfg.data!r}: the stream ended before sample {min(pending) * cache.chunk_size} "
