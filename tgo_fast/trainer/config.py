@@ -120,6 +120,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 = no clipping
+    ema_decay: float | None = None  # EMA of the policy weights for validation and export (diffusers' --use_ema); None = off
     precision: Precision = "auto"  # auto (from the DeepSpeed JSON) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     # --- objective
@@ -189,6 +190,8 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.99) or null (no EMA), got {self.ema_decay}")
         if not 0.0 <= self.percentile <= 100.0:
             raise ValueError(f"percentile must be in [0, 100], got {self.percentile}")
         if not self.validation_prompts or not all(p.strip() for p in self.validation_prompts):

@@ -36,6 +36,7 @@ from .batches import (EncodedDataset, EncodingCache, PreferencePairDataset, Step
                       collate_pairs, encoding_cache_key, preference_pairs, sample_seeds)
 from .config import TrainConfig, batch_layout, deepspeed_precision, merge_deepspeed_config
 from .objectives import diffusion_objective, masked_objective, needs_reference
+from .ema import PolicyEMA
 from .reference import (LoraReference, PrecomputedReference, ReferencePolicy, ReferenceValues, SeparateReference,
                         frozen_reference_model)
 from .tracking import MetricsWriter, peak_memory_mib, plot_score_histogram, plot_training_curves, read_metrics
@@ -333,6 +334,7 @@ class Trainer:
             self.engine.enable_backward_allreduce = False
         self.engine.train()
         self.reference = self._build_reference(frozen_copy) if uses_reference else None
+        self.ema = PolicyEMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay is not None else None
 
     def _build_reference(self, frozen_copy: torch.nn.Module | None) -> ReferencePolicy:
         cfg = self.cfg
@@ -471,6 +473,8 @@ class Trainer:
                    tmp_dir / f"rng_state_rank{self.rank}.pt")
         if self.reference is not None:
             self.reference.save(tmp_dir)
+        if self.ema is not None:
+            self.ema.save(tmp_dir, self.rank)
         D.barrier()
         final = self.ckpt_dir / tag
         if D.is_main():
@@ -519,12 +523,18 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         if self.reference is not None:
             self.reference.load(path)
+        if self.ema is not None:
+            self.ema.load(path, self.rank)
 
     # ------------------------------------------------------------------------------ outputs
     def _write_run_files(self) -> None:
         _atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         _atomic_write_text(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
         self.initial_threshold.save(self.run_dir / "threshold.json")
+
+    def _published_weights(self):
+        """The weights validation and export show: θ_ema with ``ema_decay``, else θ."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _generating(self):
@@ -552,7 +562,7 @@ class Trainer:
         cfg = self.cfg
         rows = cfg.validation_images_per_prompt
         prompts = list(cfg.validation_prompts) * rows  # row r of the grid: every prompt once
-        with self._generating():
+        with self._generating(), self._published_weights():
             images = self.adapter.generate(self.engine.module, prompts, seeds=[cfg.seed + i for i in range(len(prompts))],
                                            num_inference_steps=cfg.validation_inference_steps,
                                            guidance_scale=cfg.validation_guidance_scale)
@@ -578,7 +588,8 @@ class Trainer:
         return {k: v.detach().cpu().clone() for k, v in state.items()} if D.is_main() else None
 
     def export(self) -> Path | None:
-        state = self._state_dict()
+        with self._published_weights():
+            state = self._state_dict()
         if not D.is_main():
             return None
         from .export import has_pipeline_export, merge_lora, save_lora, save_pipeline
@@ -644,6 +655,8 @@ class Trainer:
                 for key in _STAT_KEYS:
                     if key in stats:
                         sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + stats[key].double().sum().cpu()
+            if self.ema is not None:
+                self.ema.update()
             row = {"step": step, "epoch": epoch, "tau": self.tau,
                    **self._reduce_stats(sums, loss_sum, self.accumulation)}
             grad_norm = self.engine.get_global_grad_norm()
