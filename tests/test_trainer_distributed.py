@@ -104,3 +104,13 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(tmp_path):
     assert checkpoints == ["step_000008", "step_000010"]  # checkpoints_total_limit, no temporary tags left
     with open(run_dir / "checkpoints" / "step_000010" / "reference_model.safetensors", "rb"):
         pass
+
+
+def test_ema_is_what_the_forward_sees_on_two_ranks(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "tests/two_rank_ema.py",
+               str(tmp_path / "run"), str(tmp_path / "cache")]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert result.stdout.count("0 of ") == 2  # both ranks checked every persistent parameter
