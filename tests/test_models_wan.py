@@ -4,14 +4,12 @@ in the scored format, and the trainer's reference modes on the built-in image da
 import copy
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-import yaml
 from diffusers import AutoencoderKLWan, DiffusionPipeline, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
 from tgo_fast.data import ScoredImageDataset, collate_scored, load_clip, load_scored_dataset
@@ -19,7 +17,7 @@ from tgo_fast.loss import tgo_diffusion_loss
 from tgo_fast.models import build_adapter
 from tgo_fast.models.wan import frame_grid, save_clip
 from tgo_fast.threshold import confidence_weights
-from tgo_fast.trainer.config import FIELD_NAMES, TrainConfig, load_config
+from tgo_fast.trainer.config import TrainConfig, load_config
 from tgo_fast.trainer.export import LORA_WEIGHT_NAME, merge_lora, save_lora, save_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,12 +322,10 @@ def test_unreadable_videos_are_clear_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- config
-def test_wan_yaml_lists_every_key_and_its_options_reach_the_adapter():
-    path = ROOT / "configs" / "wan.yaml"
-    assert set(yaml.safe_load(path.read_text())) == set(FIELD_NAMES)
-    cfg = load_config(path)
-    assert cfg.model == "wan" and cfg.pretrained == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-    assert cfg.train_batch_size % cfg.micro_batch_size == 0
+def test_wan_yaml_options_reach_the_adapter():
+    """(The rule every family yaml follows is tested in test_trainer_config.py.)"""
+    cfg = load_config(ROOT / "configs" / "wan.yaml")
+    assert cfg.pretrained == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     options = cfg.model_options()
     assert options == {"max_sequence_length": 512, "num_frames": 81, "fps": 16, "flow_shift": 3.0}  # `none` → null
     tiny = build_adapter("wan", None, **{**options, "num_frames": 9, "max_sequence_length": 16})

@@ -12,7 +12,7 @@ import yaml
 
 from tgo_fast.loss import tgo_diffusion_loss
 from tgo_fast.trainer.batches import EncodingCache, StepSchedule, encoding_cache_key, sample_seeds
-from tgo_fast.trainer.config import (FIELD_NAMES, MODEL_OPTIONS, TrainConfig, batch_layout, load_config,
+from tgo_fast.trainer.config import (FIELD_NAMES, MODEL_OPTIONS, MODELS, TrainConfig, batch_layout, load_config,
                                      merge_deepspeed_config, parse_args, reference_deepspeed_config)
 from tgo_fast.trainer.objectives import diffusion_objective, kto_loss, masked_objective
 from tgo_fast.trainer.tracking import MetricsWriter, plot_score_histogram, plot_training_curves, read_metrics
@@ -43,11 +43,25 @@ def test_tiny_yamls_list_every_key_and_differ_from_the_defaults_only_in_the_main
     assert masked.data.startswith(masked.output_dir + "/")
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux", "amused", "meissonic"])
-def test_family_configs_load(family):
+# A family yaml is its model's recipe: these keys always, the family's own options where useful, and any other key
+# only where it departs from TrainConfig's default (the complete list of keys is tiny.yaml's).
+RECIPE_KEYS = {"model", "pretrained", "resolution", "data", "output_dir", "max_steps", "train_batch_size",
+               "micro_batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps", "precision", "loss", "beta",
+               "c", "percentile", "ref_mode", "eval_interval", "save_interval", "validation_prompts",
+               "validation_inference_steps"}
+RESTATED_DEFAULTS = {"temperature"}  # the paper's T = 1e-3, stated beside its β, c and p
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_family_yamls_are_recipes_over_the_defaults(family):
+    raw = yaml.safe_load((CONFIGS / f"{family}.yaml").read_text())
     cfg = load_config(CONFIGS / f"{family}.yaml")
     assert cfg.model == family and cfg.pretrained is not None
     assert cfg.train_batch_size % cfg.micro_batch_size == 0
+    assert RECIPE_KEYS <= set(raw), sorted(RECIPE_KEYS - set(raw))
+    restated = {key for key in set(raw) - RECIPE_KEYS - RESTATED_DEFAULTS
+                if family not in MODEL_OPTIONS.get(key, ()) and getattr(cfg, key) == getattr(TrainConfig(), key)}
+    assert not restated, f"{family}.yaml restates defaults outside its recipe: {sorted(restated)}"
 
 
 @pytest.mark.parametrize("name", ["zero3_cpu.json", "zero3_gpu_bf16.json", "zero2.json"])
