@@ -7,22 +7,10 @@ import torch
 from tgo_fast.models import build_adapter
 from tgo_fast.trainer.export import LORA_WEIGHT_NAME, merge_lora, save_lora, save_pipeline
 
+from model_helpers import lora_adapter
+
 RESOLUTION = {"sd15": 32, "sdxl": 32, "flux": 32, "amused": None, "meissonic": None}
 PROMPTS = ["a large red circle at the center on a blue background", "a small green square at the left"]
-
-
-def lora_adapter(family: str, rank: int = 4, alpha: float = 16.0):
-    """The tiny ``family`` adapter with LoRA (rank, alpha) injected and non-zero B factors."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    adapter = build_adapter(family, None, resolution=RESOLUTION[family], tiny_seed=0)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(adapter.lora_target_modules))
-    inject_adapter_in_model(config, adapter.backbone)
-    with torch.no_grad():
-        for name, param in adapter.backbone.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return adapter, config
 
 
 def model_output(adapter, model):
@@ -41,7 +29,7 @@ def lora_scalings(model) -> set[float]:
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux", "amused", "meissonic"])
 def test_lora_reloads_at_the_trained_scaling(family, tmp_path):
-    adapter, config = lora_adapter(family)
+    adapter, config = lora_adapter(family, resolution=RESOLUTION[family])
     save_lora(adapter, adapter.backbone, adapter.backbone.state_dict(), config, tmp_path)
     fresh = build_adapter(family, None, resolution=RESOLUTION[family], tiny_seed=0)
     if family in ("sd15", "sdxl", "flux"):  # the family pipeline's own loader
@@ -61,7 +49,7 @@ def test_pipeline_folder_loads_and_runs_the_trained_model(family, tmp_path):
     the family's pipeline with the trained backbone, and it draws the adapter's own images."""
     from diffusers import DiffusionPipeline
 
-    adapter, config = lora_adapter(family)
+    adapter, config = lora_adapter(family, resolution=RESOLUTION[family])
     save_lora(adapter, adapter.backbone, adapter.backbone.state_dict(), config, tmp_path / "lora")
     save_pipeline(adapter, merge_lora(adapter.backbone.state_dict(), config), tmp_path)
     pipeline = DiffusionPipeline.from_pretrained(tmp_path)

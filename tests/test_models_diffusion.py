@@ -12,6 +12,8 @@ from tgo_fast.models import ADAPTERS, ModelAdapter, build_adapter
 from tgo_fast.models.base import sample_generators
 from tgo_fast.models.text import tiny_clip_tokenizer, tiny_t5_tokenizer
 
+from model_helpers import assert_same_state, random_seeds
+
 FAMILIES = ["sd15", "sdxl", "flux"]
 BACKBONE_FOLDER = {"sd15": "unet", "sdxl": "unet", "flux": "transformer"}
 BACKBONE_CLASS = {"sd15": UNet2DConditionModel, "sdxl": UNet2DConditionModel, "flux": FluxTransformer2DModel}
@@ -26,17 +28,6 @@ def adapter(request):
 def random_batch(adapter, batch_size=3):
     pixel_values = torch.rand(batch_size, 3, adapter.resolution, adapter.resolution) * 2 - 1
     return pixel_values, PROMPTS[:batch_size]
-
-
-def random_seeds(batch_size):
-    return torch.randint(0, 2**62, (batch_size,), dtype=torch.int64)
-
-
-def assert_same_state(model_a, model_b):
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        torch.testing.assert_close(state_a[key], state_b[key], rtol=0, atol=0, msg=key)
 
 
 def test_registry_builds_each_family_and_rejects_unknown_names():

@@ -20,6 +20,8 @@ from tgo_fast.trainer import TrainConfig
 from tgo_fast.trainer.config import SD3_WEIGHTING_SCHEMES, load_config, parse_args
 from tgo_fast.trainer.export import LORA_WEIGHT_NAME, merge_lora, save_lora, save_pipeline
 
+from model_helpers import assert_same_state, lora_adapter, random_seeds
+
 ROOT = Path(__file__).resolve().parents[1]
 DS_CONFIG = ROOT / "configs" / "zero3_cpu.json"
 PROMPTS = ["a large red circle at the center on a blue background", "a small green square at the left", "a cat"]
@@ -33,17 +35,6 @@ def adapter():
 def random_batch(adapter, batch_size=3):
     pixel_values = torch.rand(batch_size, 3, adapter.resolution, adapter.resolution) * 2 - 1
     return pixel_values, PROMPTS[:batch_size]
-
-
-def random_seeds(batch_size):
-    return torch.randint(0, 2**62, (batch_size,), dtype=torch.int64)
-
-
-def assert_same_state(model_a, model_b):
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        torch.testing.assert_close(state_a[key], state_b[key], rtol=0, atol=0, msg=key)
 
 
 def velocity(adapter, encoded, inputs):
@@ -205,20 +196,6 @@ def test_from_pretrained_loads_a_saved_pipeline_and_keeps_the_vae_in_fp32(adapte
 
 
 # ------------------------------------------------------------------------------------------------- export
-def lora_adapter(rank: int = 4, alpha: float = 16.0):
-    """The tiny adapter with LoRA (rank, alpha) injected and non-zero B factors."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    adapter = build_adapter("sd3", None, resolution=32)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(adapter.lora_target_modules))
-    inject_adapter_in_model(config, adapter.backbone)
-    with torch.no_grad():
-        for name, param in adapter.backbone.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return adapter, config
-
-
 def model_output(adapter, model):
     pixel_values = torch.rand(2, 3, adapter.resolution, adapter.resolution, generator=torch.Generator().manual_seed(0))
     encoded = adapter.encode(pixel_values * 2 - 1, PROMPTS[:2])
@@ -230,7 +207,7 @@ def model_output(adapter, model):
 def test_lora_reloads_through_the_sd3_pipeline_at_the_trained_scaling(tmp_path):
     from peft.tuners.lora import LoraLayer
 
-    adapter, config = lora_adapter()
+    adapter, config = lora_adapter("sd3", resolution=32)
     save_lora(adapter, adapter.backbone, adapter.backbone.state_dict(), config, tmp_path)
     fresh = build_adapter("sd3", None, resolution=32)
     pipeline = fresh.build_pipeline()
@@ -241,7 +218,7 @@ def test_lora_reloads_through_the_sd3_pipeline_at_the_trained_scaling(tmp_path):
 
 
 def test_pipeline_folder_loads_and_runs_the_trained_model(tmp_path):
-    adapter, config = lora_adapter()
+    adapter, config = lora_adapter("sd3", resolution=32)
     save_lora(adapter, adapter.backbone, adapter.backbone.state_dict(), config, tmp_path / "lora")
     save_pipeline(adapter, merge_lora(adapter.backbone.state_dict(), config), tmp_path)
     pipeline = DiffusionPipeline.from_pretrained(tmp_path)

@@ -20,6 +20,8 @@ from tgo_fast.threshold import confidence_weights
 from tgo_fast.trainer.config import TrainConfig, load_config
 from tgo_fast.trainer.export import LORA_WEIGHT_NAME, merge_lora, save_lora, save_pipeline
 
+from model_helpers import assert_same_state, lora_adapter
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a large red circle at the center on a blue background", "a cat", "a small green square at the left"]
 
@@ -35,13 +37,6 @@ def images(batch_size, side=32, seed=0):
 
 def clips(batch_size, frames, side=32, seed=0):
     return torch.rand(batch_size, 3, frames, side, side, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def assert_same_state(model_a, model_b):
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        torch.testing.assert_close(state_a[key], state_b[key], rtol=0, atol=0, msg=key)
 
 
 # --------------------------------------------------------------------------------------------- adapter
@@ -191,19 +186,6 @@ def test_pipeline_generate_writes_each_clip_beside_its_frame_grid(tmp_path):
         assert clip.shape == (3, 5, 32, 32) and grid.size == (5 * 32, 32)
 
 
-def lora_adapter(rank=4, alpha=16.0):
-    from peft import LoraConfig, inject_adapter_in_model
-
-    lora = build_adapter("wan", None)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(lora.lora_target_modules))
-    inject_adapter_in_model(config, lora.backbone)
-    with torch.no_grad():
-        for name, param in lora.backbone.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return lora, config
-
-
 def model_output(adapter, model):
     encoded = adapter.encode(clips(2, 5, seed=1), PROMPTS[:2])
     with torch.no_grad():
@@ -213,7 +195,7 @@ def model_output(adapter, model):
 def test_lora_reloads_in_wan_pipeline_at_the_trained_scaling(tmp_path):
     from peft.tuners.lora import LoraLayer
 
-    lora, config = lora_adapter()
+    lora, config = lora_adapter("wan")
     save_lora(lora, lora.backbone, lora.backbone.state_dict(), config, tmp_path)
     fresh = build_adapter("wan", None)
     pipeline = fresh.build_pipeline()
@@ -224,7 +206,7 @@ def test_lora_reloads_in_wan_pipeline_at_the_trained_scaling(tmp_path):
 
 
 def test_final_folder_is_a_wan_pipeline_that_loads_and_runs(tmp_path):
-    lora, config = lora_adapter()
+    lora, config = lora_adapter("wan")
     save_lora(lora, lora.backbone, lora.backbone.state_dict(), config, tmp_path / "lora")
     save_pipeline(lora, merge_lora(lora.backbone.state_dict(), config), tmp_path)
     pipeline = DiffusionPipeline.from_pretrained(tmp_path)
