@@ -114,3 +114,4 @@ def test_ema_is_what_the_forward_sees_on_two_ranks(tmp_path):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert result.stdout.count("0 of ") == 2  # both ranks checked every persistent parameter
+    assert (tmp_path / "run" / "config.yaml").is_file()

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from tgo_fast.trainer import TrainConfig, Trainer
 
-run_dir, cache_dir = sys.argv[1], sys.argv[2]
+run_dir, cache_dir = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank
 cfg = TrainConfig(output_dir=run_dir, cache_dir=cache_dir, builtin_num_samples=16, train_batch_size=4, max_steps=3,
                   resolution=32, ema_decay=0.6, learning_rate=1e-3, eval_interval=0, export=False, tensorboard=False,
                   plots=False, validation_prompts=["a large red circle at the center on a blue background"])
