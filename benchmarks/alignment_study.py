@@ -15,15 +15,16 @@ Sizing of the full study (the ≤ 2 h budget on the 2-core development machine, 
 
     proxy set     sd15 256 training prompts × K = 8 (2 048 samples), amused 128 × 8 (1 024; its pipeline samples
                   about 3× slower); guidance 1, 20 (sd15) / 12 (amused) sampling steps as the run configs validate
-    training      150 optimizer steps of 32 (DPO: 32 pairs) per arm × seed, one rank in this process, ZeRO stage 0;
-                  validation reward on 16 held-out prompts every 25 steps
+    training      120 optimizer steps of 32 (DPO: 32 pairs) per arm × seed, one rank in this process, ZeRO stage 0;
+                  validation reward on 16 held-out prompts at steps 0, 40, 80, 120
     evaluation    128 held-out prompts × 2 images (sd15) / × 1 (amused) at the base's seeds
-    measured      (2026-12-03, one thread, the machine otherwise idle for these numbers) a training step of 32
-                  takes 0.3 s (sd15) / 0.35 s (amused), building a trainer 2–4 s; the pipelines sample 18 (sd15)
-                  and 6 (amused) images/s. Per arm × seed with its validation, evaluation and drift: about 70 s
-                  (sd15) and 100 s (amused); 11 arms × 3 seeds per family, + the proxy sets (2 and 3 min):
-                  ≈ 100 minutes. An sd15 piece (proxy set + tgo_p50_c5 + dpo, seed 0) took 9½ min wall on the
-                  machine shared with other jobs (3 min 39 s of CPU time).
+    measured      (2026-12-03, one thread, beside other jobs: load 2–5 on the 2 cores) a training step of 32
+                  takes 0.3–0.4 s (sd15) / 0.35–0.6 s (amused), building a trainer 2–4 s; the pipelines sample
+                  10–18 (sd15) and 3.5–6 (amused) images/s. Pieces at 150 steps: sd15 proxy set + tgo_p50_c5 +
+                  dpo (seed 0) 9½ min wall; amused proxy set + tgo_p50_c5 8½ min wall, of which 5 min the
+                  proxy set and 2¼ min the arm (training with 7 validations 1m38s, evaluation 34 s).
+    estimate      per arm × seed at 120 steps with 4 validations: 60–90 s (sd15), 80–130 s (amused); 11 arms ×
+                  3 seeds per family + the proxy sets: 85 minutes on a quiet machine, about 2 h beside other jobs
 
 ``--quick`` (one seed, 2 steps of 4, 4 prompts × 4 proxy images, 3 held-out prompts, 2 sampling steps) writes by
 default under runs/alignment_study_quick/ (never into benchmarks/results/); benchmarks/test_alignment_study.py

@@ -164,7 +164,7 @@ def test_quick_study_files_and_numbers(quick_study):
             assert pooled[arm]["reward_mean"] == pytest.approx(metrics["reward_mean"])
             assert pooled[arm]["seed_std"]["reward_mean"] == 0.0
             assert pooled[arm]["curve"] == curve
-            assert f"| {arm} | 1 | {metrics['reward_mean']:.4f}" in markdown
+            assert f"| {family} | {arm} | 1 | {metrics['reward_mean']:.4f}" in markdown
 
 
 @pytest.mark.slow

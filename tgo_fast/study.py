@@ -55,7 +55,7 @@ from PIL import Image as PILImage
 
 from tgo_fast.pipeline import (ModelSource, generate, load_prompts, load_sampler, prompt_win_rate, score,
                                trained_run)
-from tgo_fast.pipeline.shards import read_jsonl, write_atomically
+from tgo_fast.pipeline.shards import write_atomically
 from tgo_fast.rewards import measure_synthetic_attributes, parse_synthetic_prompt
 from tgo_fast.threshold import group_thresholds, percentile_threshold
 
@@ -111,8 +111,8 @@ class StudySize:
         return {**dataclasses.asdict(self), "seeds": list(self.seeds)}
 
 
-FULL_SIZE = StudySize(proxy_prompts={"sd15": 256, "amused": 128}, images_per_prompt=8, max_steps=150,
-                      train_batch_size=32, eval_prompts=128, eval_images={"sd15": 2, "amused": 1}, eval_interval=25,
+FULL_SIZE = StudySize(proxy_prompts={"sd15": 256, "amused": 128}, images_per_prompt=8, max_steps=120,
+                      train_batch_size=32, eval_prompts=128, eval_images={"sd15": 2, "amused": 1}, eval_interval=40,
                       validation_prompts=16)
 QUICK_SIZE = StudySize(proxy_prompts={"sd15": 4, "amused": 4}, images_per_prompt=4, max_steps=2, train_batch_size=4,
                        eval_prompts=3, eval_images={"sd15": 1, "amused": 1}, eval_interval=2, validation_prompts=2,
@@ -439,7 +439,7 @@ class AlignmentStudy:
         marker, run_config = seed_dir / "trained.json", json.loads(json.dumps(cfg.to_dict()))
         if marker.is_file():
             finished = json.loads(marker.read_text(encoding="utf-8"))
-            if finished.pop("run_config") == run_config:
+            if finished.pop("run_config", None) == run_config:
                 return finished
         shutil.rmtree(cfg.output_dir, ignore_errors=True)  # an interrupted run starts over (about a minute)
         trainer = Trainer(cfg, _single_process_ds_config(self.config_dir))
@@ -486,40 +486,39 @@ class AlignmentStudy:
 
 
 def summary_markdown(summary: dict) -> str:
-    """Per family: the threshold spread and a row per arm (pooled over seeds)."""
+    """The threshold spread per family, then one table: a row per family × arm (pooled over seeds)."""
     lines = ["Alignment study: every arm trains on the same π_ref samples with the same steps, batch and lr; metrics on "
              "held-out prompts at the base's seeds, pooled over training seeds (± = std over seeds). Win rate over "
              "the base: mean over prompts, ties ½, 95 % bootstrap CI over prompts. Accuracy: attributes read back "
-             "from the images.", ""]
+             "from the images. Drift, on the base's held-out samples: "
+             + "; ".join(f"{family}: {entry['drift_unit']}" for family, entry in summary["families"].items()) + ".",
+             ""]
     for family, entry in summary["families"].items():
         spread = entry["threshold_spread"]
-        gap = spread["spread"]["tau_minus_b_hat"]
-        lines += [f"### {family}", "",
-                  f"Global τ = {spread['tau']:.4f} (p = {spread['percentile']:g}) vs b̂(x) (β_r = "
-                  f"{spread['log_partition_beta']:g}, K = {spread['images_per_prompt']}) over {spread['num_prompts']} "
+        gap, share = spread["spread"]["tau_minus_b_hat"], spread["spread"]
+        lines += [f"**{family}**: global τ = {spread['tau']:.4f} (p = {spread['percentile']:g}) vs b̂(x) (β_r = "
+                  f"{spread['log_partition_beta']:g}, K = {'/'.join(map(str, spread['images_per_prompt']))}) over {spread['num_prompts']} "
                   f"prompts: τ − b̂(x) mean {gap['mean']:.4f}, std {gap['std']:.4f}, 5–95 % [{gap['q05']:.4f}, "
-                  f"{gap['q95']:.4f}]; labels that differ: {spread['spread']['label_disagreement_b_hat']:.1%} "
-                  f"(vs b̂(x)), {spread['spread']['label_disagreement_tau_prompt']:.1%} (vs the prompt's median); "
-                  f"mean bootstrap SE of b̂(x) {spread['spread']['b_hat_se_mean']:.4f}; between-prompt share of the "
-                  f"score variance {spread['spread']['between_prompt_variance_share']:.1%}.", "",
-                  f"Drift: {entry['drift_unit']} on the base's held-out samples.", "",
-                  "| arm | seeds | reward mean | median | win rate [95 % CI] | "
-                  + " | ".join(ATTRIBUTES) + " | drift |",
-                  "|---|---|---|---|---|" + "---|" * len(ATTRIBUTES) + "---|"]
+                  f"{gap['q95']:.4f}]; labels that differ: {share['label_disagreement_b_hat']:.1%} (vs b̂(x)), "
+                  f"{share['label_disagreement_tau_prompt']:.1%} (vs the prompt's median); mean bootstrap SE of b̂(x) "
+                  f"{share['b_hat_se_mean']:.4f}; between-prompt share of the score variance "
+                  f"{share['between_prompt_variance_share']:.1%}.", ""]
+    lines += ["| family | arm | seeds | reward mean | median | win rate [95 % CI] | " + " | ".join(ATTRIBUTES)
+              + " | drift |", "|---|---|---|---|---|---|" + "---|" * len(ATTRIBUTES) + "---|"]
+    for family, entry in summary["families"].items():
         base = entry["base"]
-        lines.append(f"| base | – | {base['reward_mean']:.4f} | {base['reward_median']:.4f} | – | "
+        lines.append(f"| {family} | base | – | {base['reward_mean']:.4f} | {base['reward_median']:.4f} | – | "
                      + " | ".join(f"{base['attribute_accuracy'][name]:.3f}" for name in ATTRIBUTES) + " | 0 |")
         for arm, metrics in entry["arms"].items():
             interval = metrics["win_rate_ci95"]
             shown = "n/a" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
             spread_of = metrics["seed_std"]
-            lines.append(f"| {arm} | {len(metrics['seeds'])} | {metrics['reward_mean']:.4f} ± "
+            lines.append(f"| {family} | {arm} | {len(metrics['seeds'])} | {metrics['reward_mean']:.4f} ± "
                          f"{spread_of['reward_mean']:.4f} | {metrics['reward_median']:.4f} | "
                          f"{metrics['win_rate']:.3f} {shown} | "
                          + " | ".join(f"{metrics['attribute_accuracy'][name]:.3f}" for name in ATTRIBUTES)
                          + f" | {metrics['drift_mean']:.3g} ± {spread_of['drift_mean']:.2g} |")
-        lines.append("")
-    return "\n".join(lines).rstrip()
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
