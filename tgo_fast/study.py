@@ -576,12 +576,13 @@ def plot_tau_vs_baseline(thresholds: dict[str, dict], path: Path) -> None:
                      label="π_ref samples' scores")
         positions = range(len(prompts))
         axis.errorbar(positions, [item["b_hat"] for item in prompts], yerr=[item["b_hat_se"] for item in prompts],
-                      fmt=".", color="tab:blue", label=f"b̂(x), β_r = {entry['log_partition_beta']:g} (± bootstrap SE)")
+                      fmt=".", color="tab:blue", elinewidth=0.6, alpha=0.8,
+                      label=rf"$\hat b(x)$, β_r = {entry['log_partition_beta']:g} (± bootstrap SE)")
         axis.scatter(positions, [item["tau_prompt"] for item in prompts], s=8, color="tab:orange", zorder=3,
                      label="τ(x): the prompt's median")
         axis.axhline(entry["tau"], color="tab:red", label=f"global τ = {entry['tau']:.3f}")
         gap = entry["spread"]["tau_minus_b_hat"]
-        axis.set(xlabel="prompt (sorted by b̂(x))", ylabel="built-in reward",
-                 title=f"{family}: τ − b̂(x) mean {gap['mean']:.3f}, std {gap['std']:.3f}")
+        axis.set(xlabel=r"prompt (sorted by $\hat b(x)$)", ylabel="built-in reward",
+                 title=rf"{family}: $\tau - \hat b(x)$ mean {gap['mean']:.3f}, std {gap['std']:.3f}")
         axis.legend(fontsize=7)
     figure.savefig(path, dpi=110)
