@@ -138,6 +138,18 @@ def test_lora_training_with_each_reference():
         TrainConfig(ref_mode="separate", lora=True)
 
 
+def test_none_is_a_weighting_scheme_not_a_null(tmp_path):
+    """sd3's default scheme is logit_normal, so "none" (no weighting) must reach it as a value; null / ~ stay None."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model: sd3\nweighting_scheme: none\n")
+    assert load_config(path).model_options() == {"weighting_scheme": "none"}
+    cfg, _ = parse_args(["--model", "sd3", "--weighting_scheme", "none"])
+    assert cfg.weighting_scheme == "none"
+    for null in ("null", "~"):
+        assert parse_args(["--model", "sd3", "--weighting_scheme", null])[0].weighting_scheme is None
+    assert load_config(overrides={"pretrained": "none"}).pretrained is None  # other keys keep "none" = None
+
+
 def test_family_options_reach_the_adapter(tmp_path):
     """FLUX's training guidance and timestep density (and every family option) go from the YAML / CLI through
     the trainer's ``build_adapter`` call to the adapter."""

@@ -342,6 +342,7 @@ def _nonnegative(name: str, value: float) -> None:
 # ------------------------------------------------------------------------------------ parsing
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 NULL_WORDS = ("none", "null", "~")  # spellings of None for a key that may be null (YAML's and Python's)
+NONE_IS_A_VALUE = {"weighting_scheme"}  # keys where "none" is a choice of its own (no timestep weighting): only null / ~ are None
 
 
 def _check_keys(keys, where: str) -> None:
@@ -364,11 +365,11 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return loaded
 
 
-def _or_null(parse):
-    """``parse`` for a key that may be null: "null", "none" and "~" (any case) are None."""
+def _or_null(parse, null_words=NULL_WORDS):
+    """``parse`` for a key that may be null: ``null_words`` ("null", "none" and "~" by default; any case) are None."""
     @functools.wraps(parse)  # keeps the name argparse's "invalid <type> value" message shows
     def parse_or_null(text: str):
-        return None if text.lower() in NULL_WORDS else parse(text)
+        return None if text.lower() in null_words else parse(text)
 
     return parse_or_null
 
@@ -383,7 +384,7 @@ def build_arg_parser() -> HfArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for action in parser._actions:  # HfArgumentParser parses X | None as X: let "null" stand for None too
         if action.dest in hints and action.type is not None and _optional_member(hints[action.dest]) is not None:
-            action.type = _or_null(action.type)
+            action.type = _or_null(action.type, ("null", "~") if action.dest in NONE_IS_A_VALUE else NULL_WORDS)
     parser.add_argument("--ds_config", default=None,
                         help="DeepSpeed JSON (default: configs/zero3_gpu_bf16.json with CUDA, configs/zero3_cpu.json otherwise)")
     parser.add_argument("--config", default=None, help="run YAML (default: the embedded tiny run)")
