@@ -330,7 +330,7 @@ def _validate(hidden, weight, bias, targets, ignore_index, validate=True) -> tup
     for name, tensor in (("weight", weight), ("bias", bias), ("targets", targets)):
         if isinstance(tensor, torch.Tensor) and tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}: move it")
-    targets, _ = check_masked_targets(targets, hidden.shape[:-1], ignore_index, vocab, validate)
+    targets = check_masked_targets(targets, hidden.shape[:-1], ignore_index, vocab, validate)
     return head, targets
 
 

@@ -1,4 +1,6 @@
-"""Every bad input of SPEC §3 raises a ValueError/TypeError that names the argument, before any compute."""
+"""Every bad input of SPEC §3 raises a ValueError/TypeError that names the argument: shapes, dtypes and options
+before any compute; values on CPU from one read of the result (tgo_fast._validation.all_finite), the inputs
+checked only when it is non-finite."""
 import math
 
 import pytest
@@ -191,3 +193,62 @@ def test_value_checks_on_device_name_the_problem(monkeypatch):
         tgo_masked_loss(logits, ref_logits, torch.full_like(targets, -100), scores, tau)
     with pytest.raises(RuntimeError, match=r"outside \[0, 7\)"):
         tgo_masked_loss(logits, ref_logits, torch.full_like(targets, 7), scores, tau)
+
+
+@pytest.mark.parametrize("bad_id", [7, -5])
+def test_out_of_range_targets_are_named_on_every_masked_path(bad_id):
+    """The logits path leaves the range check to cross_entropy's own bounds check on CPU and names the targets
+    when it fails; the fused path checks them first (one host read for range and masked counts)."""
+    logits, ref_logits, targets, scores, tau = masked_args()
+    targets[0, 1] = bad_id
+    pattern = rf"outside \[0, 7\).*\[{bad_id}\]"
+    with pytest.raises(ValueError, match=pattern):
+        tgo_masked_loss(logits, ref_logits, targets, scores, tau, impl="torch")
+    with pytest.raises(ValueError, match=pattern):
+        tgo_masked_loss(logits, None, targets, scores, tau, ref_logp=-torch.rand(2), impl="torch")
+    with pytest.raises(ValueError, match=pattern):
+        tgo_fused_linear_masked_loss(torch.randn(2, 5, 4), torch.randn(7, 4), targets, scores, tau,
+                                     ref_logp=-torch.rand(2), impl="torch")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_infinite_reference_with_a_zero_loss_is_still_rejected(reduction):
+    """An infinite precomputed reference value can put ŝ = ±inf on its label's side, where the sample's loss is
+    exactly 0: the CPU check reads ŝ as well as the loss, so the input is still named."""
+    pred, _, target, _, tau = diffusion_args()
+    scores = torch.tensor([0.9, 0.1, 0.2])  # sample 0 is positive
+    ref_error = torch.tensor([math.inf, 0.1, 0.1])  # ŝ_0 = +inf, softplus(−ŝ_0) = 0
+    unchecked = tgo_diffusion_loss(pred, None, target, scores, tau, ref_error=ref_error, reduction="none",
+                                   validate=False)
+    assert unchecked[0] == 0 and torch.isfinite(unchecked).all()
+    with pytest.raises(ValueError, match=r"ref_error \(the precomputed reference errors\) must be finite.*\[0\]"):
+        tgo_diffusion_loss(pred, None, target, scores, tau, ref_error=ref_error, reduction=reduction)
+
+    logits, _, targets, _, tau = masked_args()
+    ref_logp = torch.tensor([-math.inf, -1.0])  # ŝ_0 = +inf for the positive sample 0
+    with pytest.raises(ValueError, match=r"ref_logp \(the precomputed reference log-probs\) must be finite.*\[0\]"):
+        tgo_masked_loss(logits, None, targets, torch.tensor([0.9, 0.1]), tau, ref_logp=ref_logp,
+                        reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_diverged_policy_is_returned_not_blamed_on_the_inputs(reduction):
+    """Valid inputs with a non-finite policy output: the loss is NaN, as without checks, and no input is named."""
+    pred, ref, target, scores, tau = diffusion_args()
+    pred[1] = math.nan
+    assert torch.isnan(tgo_diffusion_loss(pred, ref, target, scores, tau, reduction=reduction)).any()
+    logits, ref_logits, targets, scores, tau = masked_args()
+    logits[0] = math.nan
+    assert torch.isnan(tgo_masked_loss(logits, ref_logits, targets, scores, tau, reduction=reduction)).any()
+
+
+def test_finite_half_scores_whose_sum_overflows_pass_the_finite_check():
+    """The host check sums the values first (one read); an fp16 sum can overflow to inf with every value finite,
+    and then the exact check clears them."""
+    scores = torch.full((4,), 60000.0, dtype=torch.float16)
+    assert torch.isinf(scores.sum())
+    assert torch.equal(pseudo_labels(scores, 0.5), torch.ones(4))
+    pred, ref, target, _, _ = diffusion_args(batch=4)
+    assert torch.isfinite(tgo_diffusion_loss(pred, ref, target, scores, 0.5, temperature=1.0))
+    logits, ref_logits, targets, _, _ = masked_args(batch=4)
+    assert torch.isfinite(tgo_masked_loss(logits, ref_logits, targets, scores, 0.5))

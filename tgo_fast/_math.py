@@ -19,16 +19,22 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` that skips the call when the dtype already matches: on the small (B,) tensors of the
+    TGO step a no-op ``.to`` costs as much host time as a real op."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def labels_of(scores: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     """l = 1[s ≥ τ], compared in fp32 (fp64 scores in fp64), never in the scores' half precision; τ a number or
     a 0-d tensor (rounded to the comparison dtype either way)."""
     dtype = compute_dtype(scores)
-    return (scores.to(dtype) >= tau).to(dtype)
+    return (as_dtype(scores, dtype) >= tau).to(dtype)
 
 
 def weights_of(scores: torch.Tensor, tau: float | torch.Tensor, c: float, scale: float = 1.0) -> torch.Tensor:
     """w = 1 + c·|s − τ| / scale."""
-    distance = (scores.to(compute_dtype(scores)) - tau).abs()
+    distance = (as_dtype(scores, compute_dtype(scores)) - tau).abs()
     if scale != 1.0:
         distance = distance / scale
     return 1.0 + c * distance
@@ -50,8 +56,8 @@ def tgo_objective(
     ℓ_i = w_i·softplus((1 − 2·l_i)·ŝ_i): softplus is the stable −log σ (never log(σ + ε)); its gradient is
     σ((1 − 2l)·ŝ)·(1 − 2l) = σ(ŝ) − l, so ∂ℓ_i/∂ŝ_i = w_i·(σ(ŝ_i) − l_i) comes out of autograd exactly.
     """
-    labels = labels_of(scores, threshold).to(implicit_score.dtype)
-    weights = weights_of(scores, threshold, c).to(implicit_score.dtype)
+    labels = as_dtype(labels_of(scores, threshold), implicit_score.dtype)
+    weights = as_dtype(weights_of(scores, threshold, c), implicit_score.dtype)
     per_sample = weights * F.softplus((1.0 - 2.0 * labels) * implicit_score)
     return reduce(per_sample, reduction), labels, weights
 

@@ -1,13 +1,17 @@
 """Argument checks shared by the losses, the kernels and the threshold helpers (a leaf: imports torch only).
 
-Every check raises before any compute, with a message that names the argument, what was received and
-what is expected (SPEC §3).
+Every check raises with a message that names the argument, what was received and what is expected
+(SPEC §3); shape, dtype and option checks before any compute.
 
 Shape, dtype and option checks read only metadata: they are free. Value checks (finite scores, τ and
 reference values; targets in range; a masked token per sample) read tensor data, and reading it on the host
 from a GPU tensor is a device→host synchronisation. So they never read device data on the host:
 
-- CPU tensors, eager: host checks, a ValueError that names the bad positions (no device to wait for);
+- CPU tensors, eager: host checks, a ValueError that names the bad positions (no device to wait for). On
+  the PyTorch path of ``tgo_diffusion_loss`` and ``tgo_masked_loss`` they read the result instead of every
+  input: one host read of the loss (and ŝ) per call (``all_finite``), the inputs checked only when it is
+  non-finite (cross_entropy's own bounds check catches out-of-range targets first); elsewhere one
+  reduction and one read per checked tensor;
 - CUDA tensors, or inside ``torch.compile``: ``torch._assert_async`` on the device, no synchronisation and
   no graph break. A failure surfaces as a RuntimeError carrying the same message (CPU, compiled) or as a
   CUDA device-side assert at the next synchronisation (which, as for any device-side assert, ends the
@@ -30,6 +34,8 @@ IMPLS = ("auto", "torch", "triton")
 
 def check_finite_number(value, name: str) -> float:
     """A real, finite Python number (a 0-d / one-element tensor is accepted)."""
+    if type(value) is float and math.isfinite(value):  # the common case, without the checks below
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a single number, got a tensor of shape {tuple(value.shape)}")
@@ -45,6 +51,8 @@ def check_finite_number(value, name: str) -> float:
 
 
 def check_nonnegative(value, name: str) -> float:
+    if type(value) is float and 0.0 <= value < math.inf:  # the common case in one comparison
+        return value
     value = check_finite_number(value, name)
     if value < 0:
         raise ValueError(f"{name} must be ≥ 0, got {value}")
@@ -52,6 +60,8 @@ def check_nonnegative(value, name: str) -> float:
 
 
 def check_positive(value, name: str) -> float:
+    if type(value) is float and 0.0 < value < math.inf:  # the common case in one comparison
+        return value
     value = check_finite_number(value, name)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
@@ -67,7 +77,23 @@ def check_choice(value, name: str, choices: Sequence) -> str:
 def reads_values_on_host(tensor: torch.Tensor) -> bool:
     """Whether value checks may read `tensor` on the host: a CPU tensor outside torch.compile (no device to
     synchronise with, no graph to break); elsewhere they run on the device (``torch._assert_async``)."""
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+    return tensor.is_cpu and not torch.compiler.is_compiling()
+
+
+def all_finite(*results: torch.Tensor) -> bool:
+    """Whether every value of a loss (scalar or (B,)) and, where given, its ŝ (B,) is finite: one host read.
+
+    The value checks of the PyTorch path on CPU tensors (eager) read this instead of every input: a non-finite
+    score makes its weight, hence its loss, non-finite (w·softplus(x) with w = inf or NaN is inf or NaN); a
+    sample without a masked token makes ŝ, hence the loss, NaN (0/0); a non-finite precomputed reference value
+    makes ŝ non-finite (pass ŝ then: an infinite ŝ on the label's side has a zero loss). Only when this is
+    False are the inputs checked, to name the culprit; finite inputs with a non-finite result (a diverged
+    policy) return that result, as they would without checks."""
+    total = 0.0
+    for result in results:  # summed on the host: these are (B,) values, and a read is cheaper than an op
+        values = result.tolist()
+        total += sum(values) if isinstance(values, list) else values
+    return math.isfinite(total)
 
 
 def assert_on_device(condition: torch.Tensor, message: str) -> None:
@@ -122,9 +148,14 @@ def check_batch(tensor: torch.Tensor, name: str, batch: int) -> None:
 def check_finite_values(tensor: torch.Tensor, name: str, what: str | None = None) -> None:
     """Every value of a float tensor (scores, a precomputed reference (B,)) is finite: a NaN would silently
     make the loss NaN. Host check with the positions on CPU, a device-side assert elsewhere (module docstring)."""
+    on_host = reads_values_on_host(tensor)
+    # On the host one reduction and one read settle the common case: a NaN or ±inf anywhere makes the sum
+    # non-finite. (Finite values whose sum overflows, e.g. large fp16 scores, take the exact check and pass it.)
+    if on_host and math.isfinite(tensor.detach().sum().tolist()):
+        return
     label = f"{name} ({what})" if what else name
     advice = ": recompute them, or drop those samples from the batch" if what else ""
-    if not reads_values_on_host(tensor):
+    if not on_host:
         assert_on_device(torch.isfinite(tensor).all(), f"{label} must be finite; a value is NaN or inf{advice}")
         return
     finite = torch.isfinite(tensor)
@@ -159,7 +190,9 @@ def check_common(
     check_positive(beta, "beta")
     check_nonnegative(c, "c")
     check_choice(reduction, "reduction", REDUCTIONS)
-    return scores.detach().to(device), threshold  # scores are constants: no gradient flows into them
+    if scores.requires_grad:  # scores are constants: no gradient flows into them
+        scores = scores.detach()
+    return (scores if scores.device == device else scores.to(device)), threshold
 
 
 def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
@@ -178,24 +211,24 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
 
 def check_masked_targets(
     targets, batch_shape, ignore_index: int, num_classes: int | None = None, validate: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """targets (B, *) integer token ids of any width, ignore_index where not masked; every sample has a masked
     position (value checks as the module docstring says).
 
     Returns the targets as int64 (compared with ignore_index in int64: −100 is not representable in uint8, where
-    it would wrap to 156) and the per-sample count of masked positions (B,).
+    it would wrap to 156).
     """
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
-    if tuple(targets.shape) != tuple(batch_shape):
+    if targets.shape != batch_shape:
         raise ValueError(f"targets must have shape {tuple(batch_shape)}, got {tuple(targets.shape)}")
     targets = targets.long()
+    if not validate:
+        return targets
     masked = targets != ignore_index
     counts = masked.reshape(targets.shape[0], -1).sum(dim=1)
-    if not validate:
-        return targets, counts
     range_message = f"targets hold ids outside [0, {num_classes}) that are not ignore_index={ignore_index}"
     empty_message = (
         f"have no masked position (every target is ignore_index={ignore_index}): their log-likelihood is "
@@ -205,12 +238,18 @@ def check_masked_targets(
         if num_classes is not None:
             assert_on_device((~masked | ((targets >= 0) & (targets < num_classes))).all(), range_message)
         assert_on_device((counts > 0).all(), "some sample(s) " + empty_message)
-        return targets, counts
-    if num_classes is not None:
+        return targets
+    # One host read for both checks: the extreme masked ids and the fewest masked positions of a sample; the
+    # offending values are looked up only when a check fails.
+    if targets.numel() == 0:  # (B, 0): no positions at all
+        lowest = highest = fewest = 0
+    else:
+        lowest, highest = torch.where(masked, targets, 0).aminmax()
+        lowest, highest, fewest = torch.stack((lowest, highest, counts.min())).tolist()
+    if num_classes is not None and (lowest < 0 or highest >= num_classes):
         out_of_range = masked & ((targets < 0) | (targets >= num_classes))
-        if bool(out_of_range.any()):
-            raise ValueError(f"{range_message}: {targets[out_of_range][:5].tolist()}")
-    empty = torch.nonzero(counts == 0).flatten().tolist()
-    if empty:
+        raise ValueError(f"{range_message}: {targets[out_of_range][:5].tolist()}")
+    if fewest == 0:
+        empty = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"sample(s) {empty[:10]} {empty_message}")
-    return targets, counts
+    return targets

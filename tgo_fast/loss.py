@@ -22,14 +22,12 @@ only: the reference, the target, the scores and τ are constants.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as V
-from ._math import compute_dtype, tgo_objective, tgo_stats
+from ._math import as_dtype, compute_dtype, tgo_objective, tgo_stats
 
 __all__ = [
     "tgo_diffusion_loss",
@@ -42,7 +40,8 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------- diffusion / flow (§2)
-def _check_diffusion(model_pred, ref_pred, target, ref_error, temperature, validate):
+def _check_diffusion(model_pred, ref_pred, target, ref_error, temperature):
+    """Shapes, dtypes, devices and T (metadata only: the value checks are ``_check_diffusion_values``)."""
     V.check_float_tensor(model_pred, "model_pred")
     V.check_float_tensor(target, "target")
     V.check_same_shape(target, "target", model_pred, "model_pred")
@@ -60,33 +59,48 @@ def _check_diffusion(model_pred, ref_pred, target, ref_error, temperature, valid
     else:
         V.check_float_tensor(ref_error, "ref_error")
         V.check_batch(ref_error, "ref_error", model_pred.shape[0])
-        if validate:
-            V.check_finite_values(ref_error, "ref_error", "the precomputed reference errors")
+    device = model_pred.device
     for name, other in (("target", target), ("ref_pred", ref_pred), ("ref_error", ref_error)):
-        if other is not None and other.device != model_pred.device:
-            raise ValueError(f"{name} is on {other.device} but model_pred is on {model_pred.device}: move it")
+        if other is not None and other.device != device:
+            raise ValueError(f"{name} is on {other.device} but model_pred is on {device}: move it")
     V.check_positive(temperature, "temperature")
+
+
+def _check_diffusion_values(scores, ref_error):
+    """Finite scores and ref_error (τ is checked with the metadata: a number, or a device assert)."""
+    V.check_finite_values(scores, "scores")
+    if ref_error is not None:
+        V.check_finite_values(ref_error, "ref_error", "the precomputed reference errors")
 
 
 def diffusion_implicit_score(model_pred, ref_pred, target, ref_error, beta, temperature, errors=True):
     """ŝ = (β/T)·Δ with Δ in the product form of SPEC §2; returns (ŝ, e_θ, e_ref), each (B,) (e_θ and e_ref
-    None when ``errors=False`` and Δ does not need them: the loss alone skips their passes)."""
+    None when ``errors=False`` and Δ does not need them: the loss alone skips their passes).
+
+    With the residuals d = pred − target (carries the gradient) and u = ref − target (a constant),
+    Δ = mean_j (u − d)·(u + d): exactly 0 when pred == ref (u − d is 0 bit for bit), no cancellation of two
+    large means. Means run over every non-batch dim in place (no reshape: any layout, no copy)."""
     dtype = compute_dtype(model_pred)
-    batch = model_pred.shape[0]
-    pred = model_pred.to(dtype).reshape(batch, -1)
-    target = target.detach().to(dtype).reshape(batch, -1)
+    sample_dims = tuple(range(1, model_pred.dim()))
+    target = as_dtype(target.detach(), dtype)
+    policy_residual = as_dtype(model_pred, dtype) - target
+    scale = beta / temperature
     if ref_pred is None:
-        policy_error = (pred - target).square().mean(dim=1)
-        reference_error = ref_error.detach().to(dtype)
-        return (beta / temperature) * (reference_error - policy_error), policy_error, reference_error
-    ref = ref_pred.detach().to(dtype).reshape(batch, -1)
-    # Δ from the per-element product: exactly 0 when pred == ref, no cancellation of two large means.
-    delta = ((ref - pred) * (ref + pred - 2.0 * target)).mean(dim=1)
+        policy_error = _sample_mean(policy_residual.square(), sample_dims)
+        reference_error = as_dtype(ref_error.detach(), dtype)
+        return scale * (reference_error - policy_error), policy_error, reference_error
+    reference_residual = as_dtype(ref_pred.detach(), dtype) - target
+    delta = _sample_mean((reference_residual - policy_residual) * (reference_residual + policy_residual), sample_dims)
     if not errors:
-        return (beta / temperature) * delta, None, None
-    policy_error = (pred - target).square().mean(dim=1)
-    reference_error = (ref - target).square().mean(dim=1)
-    return (beta / temperature) * delta, policy_error, reference_error
+        return scale * delta, None, None
+    policy_error = _sample_mean(policy_residual.square(), sample_dims)
+    reference_error = _sample_mean(reference_residual.square(), sample_dims)
+    return scale * delta, policy_error, reference_error
+
+
+def _sample_mean(values: torch.Tensor, sample_dims: tuple[int, ...]) -> torch.Tensor:
+    """Mean over the non-batch dims; (B,) inputs have one element per sample (``mean(())`` would reduce all)."""
+    return values.mean(sample_dims) if sample_dims else values
 
 
 def tgo_diffusion_loss(
@@ -121,18 +135,24 @@ def tgo_diffusion_loss(
         return_stats: also return a dict of per-sample (B,) tensors: implicit_score, policy_error,
             reference_error, labels, weights, accuracy.
         validate: check values (finite scores, τ and ref_error). Never a host synchronisation: a ValueError
-            naming the positions on CPU, a device-side assert on CUDA and under torch.compile
+            naming the positions on CPU (eager, the PyTorch path: one read of the result, the inputs checked
+            only when it is non-finite), a device-side assert on CUDA and under torch.compile
             (``tgo_fast._validation``); False skips them (a few tiny launches).
 
     No host synchronisation and no graph break with any arguments (the Triton path is the custom op
     ``tgo_fast::diffusion_loss``): ``torch.compile(fullgraph=True)`` and CUDA graphs take it.
     """
-    _check_diffusion(model_pred, ref_pred, target, ref_error, temperature, validate)
+    _check_diffusion(model_pred, ref_pred, target, ref_error, temperature)
+    impl = V.resolve_impl(impl, model_pred)
+    check_result = validate and impl == "torch" and V.reads_values_on_host(model_pred)
+    check_inputs = validate and not check_result
     scores, threshold = V.check_common(
         scores, threshold, model_pred.shape[0], model_pred.device, beta=beta, c=c, reduction=reduction,
-        validate=validate,
+        validate=check_inputs,
     )
-    if V.resolve_impl(impl, model_pred) == "triton":
+    if check_inputs:
+        _check_diffusion_values(scores, ref_error)
+    if impl == "triton":
         from .kernels.diffusion_loss import tgo_diffusion_loss_triton
 
         return tgo_diffusion_loss_triton(
@@ -143,6 +163,8 @@ def tgo_diffusion_loss(
         model_pred, ref_pred, target, ref_error, beta, temperature, errors=return_stats
     )
     loss, labels, weights = tgo_objective(implicit_score, scores, threshold, c, reduction)
+    if check_result and not (V.all_finite(loss) if ref_error is None else V.all_finite(loss, implicit_score)):
+        _check_diffusion_values(scores, ref_error)  # names the input; a diverged policy's result is returned
     if not return_stats:
         return loss
     return loss, tgo_stats(
@@ -157,14 +179,22 @@ def logprob_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
     Targets of any integer width; the per-sample sum runs over a dense (B, L) tensor (ignored positions hold 0),
     a fixed-order reduction: deterministic, on CUDA too.
     """
-    dtype = compute_dtype(logits)
     batch, num_classes = logits.shape[0], logits.shape[-1]
     targets = targets.long()  # cross_entropy takes int64 class indices only
-    token_logp = -F.cross_entropy(
-        logits.reshape(-1, num_classes).to(dtype), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
+    token_nll = F.cross_entropy(
+        as_dtype(logits.reshape(-1, num_classes), compute_dtype(logits)), targets.reshape(-1),
+        ignore_index=ignore_index, reduction="none",
     ).reshape(batch, -1)
     counts = (targets != ignore_index).reshape(batch, -1).sum(dim=1)
-    return token_logp.sum(dim=1) / counts.to(dtype)
+    return token_nll.sum(dim=1).div(counts).neg()  # the int64 counts promote to the float dtype
+
+
+def _check_masked_values(logits, targets, ignore_index, scores, ref_logp):
+    """Finite ref_logp, targets in [0, V) with a masked position per sample, finite scores."""
+    if ref_logp is not None:
+        V.check_finite_values(ref_logp, "ref_logp", "the precomputed reference log-probs")
+    V.check_masked_targets(targets, logits.shape[:-1], ignore_index, logits.shape[-1])
+    V.check_finite_values(scores, "scores")
 
 
 def tgo_masked_loss(
@@ -210,27 +240,39 @@ def tgo_masked_loss(
     else:
         V.check_float_tensor(ref_logp, "ref_logp")
         V.check_batch(ref_logp, "ref_logp", logits.shape[0])
-        if validate:
-            V.check_finite_values(ref_logp, "ref_logp", "the precomputed reference log-probs")
-    targets, _ = V.check_masked_targets(targets, logits.shape[:-1], ignore_index, logits.shape[-1], validate)
+    impl = V.resolve_impl(impl, logits)
+    # CPU, eager, PyTorch path: the value checks read the result once (V.all_finite) instead of every input.
+    check_result = validate and impl == "torch" and V.reads_values_on_host(logits)
+    check_inputs = validate and not check_result
+    if check_inputs and ref_logp is not None:
+        V.check_finite_values(ref_logp, "ref_logp", "the precomputed reference log-probs")
+    targets = V.check_masked_targets(targets, logits.shape[:-1], ignore_index, logits.shape[-1], check_inputs)
     scores, threshold = V.check_common(
-        scores, threshold, logits.shape[0], logits.device, beta=beta, c=c, reduction=reduction, validate=validate
+        scores, threshold, logits.shape[0], logits.device, beta=beta, c=c, reduction=reduction,
+        validate=check_inputs,
     )
-    if V.resolve_impl(impl, logits) == "triton":
+    if impl == "triton":
         from .kernels.fused_linear_masked_loss import logprob_from_logits_triton
 
-        logprob = functools.partial(logprob_from_logits_triton, targets=targets, ignore_index=ignore_index)
+        logprob = logprob_from_logits_triton
     else:
-        logprob = functools.partial(logprob_from_logits, targets=targets, ignore_index=ignore_index)
+        logprob = logprob_from_logits
 
-    policy_logp = logprob(logits)
+    try:
+        policy_logp = logprob(logits, targets, ignore_index)
+    except IndexError:  # cross_entropy's own bounds check (CPU) met a target outside [0, V)
+        if check_result:
+            _check_masked_values(logits, targets, ignore_index, scores, ref_logp)  # the ValueError naming them
+        raise
     if ref_logits is not None:
         with torch.no_grad():
-            reference_logp = logprob(ref_logits)
+            reference_logp = logprob(ref_logits, targets, ignore_index)
     else:
-        reference_logp = ref_logp.detach().to(policy_logp.dtype)
+        reference_logp = as_dtype(ref_logp.detach(), policy_logp.dtype)
     implicit_score = beta * (policy_logp - reference_logp)
     loss, labels, weights = tgo_objective(implicit_score, scores, threshold, c, reduction)
+    if check_result and not (V.all_finite(loss) if ref_logp is None else V.all_finite(loss, implicit_score)):
+        _check_masked_values(logits, targets, ignore_index, scores, ref_logp)  # a diverged policy's is returned
     if not return_stats:
         return loss
     return loss, tgo_stats(implicit_score, labels, weights, "policy_logp", policy_logp, "reference_logp", reference_logp)
