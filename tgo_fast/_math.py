@@ -58,7 +58,8 @@ def tgo_objective(
     """
     labels = as_dtype(labels_of(scores, threshold), implicit_score.dtype)
     weights = as_dtype(weights_of(scores, threshold, c), implicit_score.dtype)
-    per_sample = weights * F.softplus((1.0 - 2.0 * labels) * implicit_score)
+    sign = torch.rsub(labels, 1.0, alpha=2.0)  # 1 − 2·l in one op
+    per_sample = weights * F.softplus(sign * implicit_score)
     return reduce(per_sample, reduction), labels, weights
 
 
