@@ -224,7 +224,7 @@ def check_masked_targets(
         raise TypeError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
     if targets.shape != batch_shape:
         raise ValueError(f"targets must have shape {tuple(batch_shape)}, got {tuple(targets.shape)}")
-    targets = targets.long()
+    targets = targets if targets.dtype == torch.int64 else targets.long()
     if not validate:
         return targets
     masked = targets != ignore_index

@@ -180,7 +180,7 @@ def logprob_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
     a fixed-order reduction: deterministic, on CUDA too.
     """
     batch, num_classes = logits.shape[0], logits.shape[-1]
-    targets = targets.long()  # cross_entropy takes int64 class indices only
+    targets = as_dtype(targets, torch.int64)  # cross_entropy takes int64 class indices only
     token_nll = F.cross_entropy(
         as_dtype(logits.reshape(-1, num_classes), compute_dtype(logits)), targets.reshape(-1),
         ignore_index=ignore_index, reduction="none",
