@@ -25,6 +25,7 @@ Sizing of the full study (the ≤ 2 h budget on the 2-core development machine, 
                   proxy set and 2¼ min the arm (training with 7 validations 1m38s, evaluation 34 s).
     estimate      per arm × seed at 120 steps with 4 validations: 60–90 s (sd15), 80–130 s (amused); 11 arms ×
                   3 seeds per family + the proxy sets: 85 minutes on a quiet machine, about 2 h beside other jobs
+    full run      2026-12-03, both families side by side (one thread each, a third job on and off): 43 min wall
 
 ``--quick`` (one seed, 2 steps of 4, 4 prompts × 4 proxy images, 3 held-out prompts, 2 sampling steps) writes by
 default under runs/alignment_study_quick/ (never into benchmarks/results/); benchmarks/test_alignment_study.py
