@@ -309,7 +309,8 @@ def test_wan_yaml_options_reach_the_adapter():
     cfg = load_config(ROOT / "configs" / "wan.yaml")
     assert cfg.pretrained == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     options = cfg.model_options()
-    assert options == {"max_sequence_length": 512, "num_frames": 81, "fps": 16, "flow_shift": 3.0}  # `none` → null
+    assert options == {"weighting_scheme": "none", "max_sequence_length": 512, "num_frames": 81, "fps": 16,
+                       "flow_shift": 3.0}  # `none` is a scheme (uniform timesteps), not null
     tiny = build_adapter("wan", None, **{**options, "num_frames": 9, "max_sequence_length": 16})
     assert (tiny.num_frames, tiny.fps, tiny.flow_shift, tiny.max_sequence_length) == (9, 16, 3.0, 16)
     with pytest.raises(ValueError, match=r"num_frames must be 1 \+ 4·k"):
