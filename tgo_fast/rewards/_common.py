@@ -11,6 +11,8 @@ import beside the pinned CPU torch):
 """
 from __future__ import annotations
 
+import abc
+
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -143,7 +145,7 @@ def open_clip_tensor_pixels(image: PILImage.Image, size: int, mean: Sequence[flo
 # ----------------------------------------------------------------------------------------------
 # the batched callable
 # ----------------------------------------------------------------------------------------------
-class ModelReward:
+class ModelReward(abc.ABC):
     """``reward(images, prompts) -> (N,) float32 CPU tensor``, scored ``batch_size`` pairs at a time.
 
     Subclasses set ``name`` and implement ``_score_batch(images, prompts) -> (n,) tensor`` for one batch; the
@@ -163,8 +165,9 @@ class ModelReward:
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(self.device, self.dtype).eval().requires_grad_(False)
 
+    @abc.abstractmethod
     def _score_batch(self, images: list[PILImage.Image], prompts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """(n,) scores of one batch of at most ``batch_size`` pairs."""
 
     def __call__(self, images: Sequence[PILImage.Image], prompts: Sequence[str]) -> torch.Tensor:
         images, prompts = list(images), list(prompts)
