@@ -37,7 +37,7 @@ from .base import (
 )
 from .flow import DENSITY_SCHEMES, FlowMatching, timestep_density
 from .sd import resolve_resolution, tiny_vae, vae_scale_factor
-from .text import seeded_init, tiny_clip_text, tiny_t5_text
+from .text import prompt_length, seeded_init, tiny_clip_text, tiny_t5_text
 
 __all__ = ["FluxAdapter"]
 
@@ -105,11 +105,7 @@ class FluxAdapter(ModelAdapter):
             self._build_tiny(tiny_seed)
         else:
             self._load_pretrained(pretrained, dtype=dtype, revision=revision, variant=variant)
-        if max_sequence_length is None:  # FluxPipeline's default, capped by the tokenizer's length
-            max_sequence_length = min(self.tokenizer_2.model_max_length, 512)
-        self.max_sequence_length = max_sequence_length
-        if not isinstance(self.max_sequence_length, int) or self.max_sequence_length <= 0:
-            raise ValueError(f"max_sequence_length must be a positive int, got {self.max_sequence_length!r}")
+        self.max_sequence_length = prompt_length(max_sequence_length, self.tokenizer_2, 512)  # FluxPipeline's default
 
         self.vae_scale_factor = vae_scale_factor(self.vae)
         # Latents are packed in 2×2 patches, so the latent side must be even. Default: the VAE's

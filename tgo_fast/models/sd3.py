@@ -45,7 +45,7 @@ from .base import (
 )
 from .flow import FlowMatching, timestep_density
 from .sd import TINY_RESOLUTION, resolve_resolution, tiny_vae, vae_scale_factor
-from .text import seeded_init, tiny_clip_text, tiny_t5_text
+from .text import prompt_length, seeded_init, tiny_clip_text, tiny_t5_text
 
 __all__ = ["SD3Adapter", "WEIGHTING_SCHEMES"]
 
@@ -116,11 +116,7 @@ class SD3Adapter(ModelAdapter):
             self._build_tiny(tiny_seed)
         else:
             self._load_pretrained(pretrained, dtype=dtype, revision=revision, variant=variant)
-        if max_sequence_length is None:  # StableDiffusion3Pipeline's default, capped by the tokenizer's length
-            max_sequence_length = min(self.tokenizer_3.model_max_length, 256)
-        if not isinstance(max_sequence_length, int) or max_sequence_length <= 0:
-            raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = prompt_length(max_sequence_length, self.tokenizer_3, 256)  # StableDiffusion3Pipeline's
 
         self.vae_scale_factor = vae_scale_factor(self.vae)
         patch_size = self.backbone.config.patch_size

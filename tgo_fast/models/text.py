@@ -30,7 +30,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-__all__ = ["CAPTION_WORDS", "tiny_clip_tokenizer", "tiny_clip_text", "tiny_t5_tokenizer", "tiny_t5_text", "seeded_init"]
+__all__ = ["CAPTION_WORDS", "prompt_length", "tiny_clip_tokenizer", "tiny_clip_text", "tiny_t5_tokenizer", "tiny_t5_text", "seeded_init"]
 
 # Words of short image captions: procedural shapes/colours/positions and everyday subjects.
 CAPTION_WORDS = tuple(
@@ -52,6 +52,15 @@ CAPTION_WORDS = tuple(
 _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 # OpenAI CLIP's word splitter: specials, contractions, letter runs, single digits, other symbol runs.
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def prompt_length(requested: int | None, tokenizer, pipeline_default: int) -> int:
+    """The T5-style prompt length (``max_sequence_length``): ``requested``, or the pipeline's default capped by the
+    tokenizer's own length."""
+    length = min(tokenizer.model_max_length, pipeline_default) if requested is None else requested
+    if not isinstance(length, int) or length <= 0:
+        raise ValueError(f"max_sequence_length must be a positive int, got {length!r}")
+    return length
 
 
 def seeded_init(seed: int, build):
