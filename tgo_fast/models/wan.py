@@ -39,7 +39,6 @@ from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 from .base import (
     ModelAdapter,
     freeze,
-    image_seeds,
     load_component,
     model_dtype,
     place,
@@ -48,7 +47,7 @@ from .base import (
 )
 from .flow import DENSITY_SCHEMES, FlowMatching, timestep_density
 from .sd import resolve_resolution
-from .text import seeded_init, tiny_t5_tokenizer
+from .text import prompt_length, seeded_init, tiny_t5_tokenizer
 
 __all__ = ["WanAdapter", "frame_grid", "save_clip"]
 
@@ -134,11 +133,7 @@ class WanAdapter(ModelAdapter):
         # WanPipeline needs sides divisible by 16 = the VAE's 8× times the transformer's 2×2 patches.
         patch_side = self.backbone.config.patch_size[1]
         self.resolution = resolve_resolution(resolution, default_resolution, max(16, self.vae_scale_factor * patch_side))
-        if max_sequence_length is None:  # WanPipeline's default, capped by the tokenizer's length
-            max_sequence_length = min(self.tokenizer.model_max_length, 512)
-        if not isinstance(max_sequence_length, int) or max_sequence_length <= 0:
-            raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = prompt_length(max_sequence_length, self.tokenizer, 512)  # WanPipeline's default
 
         self._set_schedulers(flow_shift)
         self.flow_matching = FlowMatching(self.noise_scheduler, density)
@@ -338,19 +333,12 @@ class WanAdapter(ModelAdapter):
     ) -> list[list[PIL.Image.Image]]:
         """``num_frames``-frame clips (lists of PIL frames) from ``WanPipeline``, one per prompt; clip i drawn with
         a CPU generator seeded ``seeds[i]`` (or ``seed + i``). ``guidance_scale`` None = 5.0 (WanPipeline's)."""
-        prompts = list(prompts)
-        seeds = image_seeds(len(prompts), seed=seed, seeds=seeds)
-        pipeline = self.build_pipeline(model)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline(
-            prompts,
-            height=self.resolution,
-            width=self.resolution,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=self.validation_guidance_scale if guidance_scale is None else float(guidance_scale),
-            output_type="pil",
-            **self.pipeline_call_kwargs(prompts, seeds),
-        ).frames
+        return super().generate(model, prompts, seed=seed, seeds=seeds, num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale)
+
+    def _run_pipeline(self, pipeline, prompts: list[str], seeds: list[int], **call_kwargs) -> list[list[PIL.Image.Image]]:
+        """WanPipeline's output is clips: ``.frames``, a list of PIL frames per prompt."""
+        return pipeline(prompts, **call_kwargs, **self.pipeline_call_kwargs(prompts, seeds)).frames
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: list[str], **kwargs) -> list[PIL.Image.Image]:
