@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 __all__ = ["PolicyEMA"]
@@ -85,12 +86,9 @@ class PolicyEMA:
         if not path.is_file():
             raise ValueError(f"resume_from: {str(directory)!r} has no {path.name}: it was written without ema_decay; "
                              "resume with the ema_decay it was trained with (null)")
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as handle:
+            if len(handle.keys()) != len(self.average):
+                raise ValueError(f"resume_from: {path} holds {len(handle.keys())} averaged tensors, this run trains "
+                                 f"{len(self.average)}: the model or LoRA settings changed")
             self.steps = int(handle.metadata()["steps"])
-        stored = load_file(path)
-        if len(stored) != len(self.average):
-            raise ValueError(f"resume_from: {path} holds {len(stored)} averaged tensors, this run trains "
-                             f"{len(self.average)}: the model or LoRA settings changed")
-        self.average = [stored[f"{i}"] for i in range(len(self.average))]
+            self.average = [handle.get_tensor(f"{i}") for i in range(len(self.average))]
