@@ -9,12 +9,12 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup test train train-masked bench clean
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q triton==3.7.1
-	$(PY) -m pip install -q -e '.[train,test,bench]'
+	$(PY) -m pip install -q -e '.[train,test,bench,video]'
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

@@ -13,7 +13,8 @@ PROBE = """
 import importlib.util, pathlib
 import tgo_fast.kernels, tgo_fast.models, tgo_fast.trainer
 print(pathlib.Path(tgo_fast.kernels.__file__).resolve().parent)
-print(importlib.util.find_spec("kernels"))
+spec = importlib.util.find_spec("kernels")
+print(None if spec is None else pathlib.Path(spec.origin or list(spec.submodule_search_locations)[0]).resolve())
 """
 
 
@@ -22,4 +23,5 @@ def test_kernels_is_a_subpackage_only(tmp_path):
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, check=True)
     kernels_dir, top_level = out.stdout.split()[:2]
     assert Path(kernels_dir) == REPO / "kernels"
-    assert top_level == "None"
+    # transformers >= 5.25 installs the hub's own `kernels` package; whatever `kernels` resolves to, it is not ours.
+    assert top_level == "None" or REPO not in Path(top_level).parents, top_level
