@@ -20,9 +20,15 @@ else is fp32.
 
 No host synchronisation: every row is computed (unmasked rows get coef 0 and drop out of the
 sums), so chunk boundaries depend on shapes only, never on where the masked tokens are; per-sample
-sums are fixed-order sums over a dense (samples, L) buffer (deterministic, no atomics). Computing
-only the masked rows would save (1 − mask ratio) of the matmuls but needs their number on the host
-(one synchronisation per call, no CUDA graphs): Liger's fused losses make the same choice.
+sums are fixed-order sums over a dense (samples, L) buffer (deterministic, no atomics); Liger's fused
+losses make the same choice for their ignore_index rows.
+
+``compact_rows=True`` computes the masked rows only, saving (1 − mask ratio) of the matmuls. Their number
+decides the chunks, so each op call reads the cumulative per-sample counts to the host: ONE device→host
+synchronisation per call (the single pass: one per step; two passes: one in forward, one in backward), which a
+CUDA graph cannot capture (a ValueError there). ``torch.compile(fullgraph=True)`` is unaffected: the sync
+happens inside the opaque op. Each chunk's per-row values are scattered back (unique indices, deterministic)
+into the same dense (B·L,) buffers, so the per-sample sums are the default path's reduction.
 
 The ops are ``torch.library`` custom ops with fake (meta) implementations and registered autograd,
 so ``torch.compile(fullgraph=True)`` keeps them in one graph and CUDA graphs can capture them:
@@ -334,7 +340,9 @@ def _validate(hidden, weight, bias, targets, ignore_index, validate=True) -> tup
     return head, targets
 
 
-def _check_options(chunk_rows, logits_dtype) -> None:
+def _check_options(chunk_rows, logits_dtype, compact_rows) -> None:
+    if not isinstance(compact_rows, bool):
+        raise ValueError(f"compact_rows must be True or False, got {compact_rows!r}")
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int (rows per chunk) or None for the default, got {chunk_rows!r}")
     if logits_dtype not in LOGITS_DTYPES:
@@ -376,6 +384,22 @@ class _Rows:
         """value_i / |M_i| on the masked rows of samples first … end − 1, 0 on the others: (rows,) fp32."""
         masked = self.masked[first:end]
         return (masked * (sample_values / self.counts[first:end])[:, None]).reshape(-1)
+
+    def row_buffer(self) -> torch.Tensor:
+        """(B·L,) fp32 zeros: per-row values, written chunk by chunk (all rows, or the masked rows only)."""
+        return torch.zeros(self.masked.numel(), dtype=torch.float32, device=self.masked.device)
+
+    def masked_index(self) -> tuple[torch.Tensor, list[int]]:
+        """(indices of the masked rows in B·L order, cumulative masked-row count at the end of each sample, on the
+        host). Reading the counts is compact_rows' one device→host synchronisation; nonzero_static of that
+        known size makes none."""
+        if self.masked.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError(
+                "compact_rows=True reads the number of masked rows to the host, which a CUDA graph cannot "
+                "capture: use the default compact_rows=False (sync-free) in CUDA-graphed steps"
+            )
+        sample_ends = self.masked.sum(dim=1).cumsum(0).tolist()
+        return torch.nonzero_static(self.masked.reshape(-1), size=sample_ends[-1]).squeeze(1), sample_ends
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,22 +450,25 @@ class _Head:
 
 
 class _Grads:
-    """The gradients asked for: hidden rows (each written once, in hidden's dtype), fp32 sums for W and b."""
+    """The gradients asked for: hidden rows (each written once, in hidden's dtype; with compact_rows only the
+    masked ones, the others stay exactly 0), fp32 sums for W and b."""
 
-    def __init__(self, hidden_rows, weight, bias, head: _Head, needs: tuple[bool, bool, bool]):
+    def __init__(self, hidden_rows, weight, bias, head: _Head, needs: tuple[bool, bool, bool], compact_rows: bool):
         self.needs_hidden, self.needs_weight, self.needs_bias = needs
         self.layouts = [None if t is None else (t.shape, t.dtype) for t in (hidden_rows, weight, bias)]
         self.device = hidden_rows.device
-        self.hidden = torch.empty_like(hidden_rows) if self.needs_hidden else None
+        new_hidden_grad = torch.zeros_like if compact_rows else torch.empty_like
+        self.hidden = new_hidden_grad(hidden_rows) if self.needs_hidden else None
         self.weight = torch.zeros_like(head.weight, dtype=torch.float32) if self.needs_weight else None
         self.bias = torch.zeros(head.weight.shape[0], device=head.weight.device) if self.needs_bias else None
 
-    def add_chunk(self, head: _Head, rows: slice, hidden_chunk, d_logits, coef) -> None:
+    def add_chunk(self, head: _Head, rows, hidden_chunk, d_logits, coef) -> None:
         """∂/∂logits = coef ⊙ D for the chunk rows: grad_h = coef ⊙ (D·W), grad_W += Dᵀ·(coef ⊙ h).
 
-        d_logits: (n, V) D in the matmul dtype; coef: (n,) fp32."""
+        rows: a slice or an index tensor (unique) of the B·L rows; d_logits: (n, V) D in the matmul dtype;
+        coef: (n,) fp32."""
         if self.needs_hidden:
-            self.hidden[rows] = head.mm(d_logits, head.weight).mul_(coef[:, None])
+            self.hidden[rows] = head.mm(d_logits, head.weight).mul_(coef[:, None]).to(self.hidden.dtype)
         if self.needs_weight:
             head.addmm_(self.weight, d_logits.t(), hidden_chunk.float() * coef[:, None])
         if self.needs_bias:
@@ -471,6 +498,36 @@ def _chunk_passes(hidden, weight, bias, targets, ignore_index, use_triton, chunk
     hidden_rows = hidden.reshape(-1, hidden.shape[-1])
     rows = _Rows.of(targets, ignore_index)
     return head, hidden_rows, rows, (_row_step_triton if use_triton else _row_step_torch), chunk_rows
+
+
+def _row_chunks(rows: _Rows, chunk_rows: int, compact_rows: bool) -> list:
+    """Two-pass chunks of chunk_rows rows: slices of the B·L rows, or (compact_rows) index tensors of the
+    masked rows only."""
+    if compact_rows:
+        return list(rows.masked_index()[0].split(chunk_rows))
+    return [slice(start, start + chunk_rows) for start in range(0, rows.masked.numel(), chunk_rows)]
+
+
+def _sample_chunks(rows: _Rows, chunk_rows: int, compact_rows: bool):
+    """Single-pass chunks of whole samples: (first, end, the rows of samples first … end − 1). All their rows (a
+    slice), max(1, chunk_rows // L) samples per chunk; or (compact_rows) the masked rows only (an index tensor),
+    as many samples as fit in chunk_rows masked rows, at least one."""
+    n_samples, sample_len = rows.masked.shape
+    if not compact_rows:
+        samples_per_chunk = max(1, chunk_rows // sample_len)
+        for first in range(0, n_samples, samples_per_chunk):
+            end = min(n_samples, first + samples_per_chunk)
+            yield first, end, slice(first * sample_len, end * sample_len)
+        return
+    index, sample_ends = rows.masked_index()
+    first = 0
+    while first < n_samples:
+        start = sample_ends[first - 1] if first else 0
+        end = first + 1
+        while end < n_samples and sample_ends[end] - start <= chunk_rows:
+            end += 1
+        yield first, end, index[start:sample_ends[end - 1]]
+        first = end
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,15 +564,14 @@ def _autocast_off(fn):
 @_autocast_off
 def masked_token_logprob_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-    ignore_index: int, use_triton: bool, chunk_rows: int, logits_dtype: torch.dtype,
+    ignore_index: int, use_triton: bool, chunk_rows: int, logits_dtype: torch.dtype, compact_rows: bool,
 ) -> torch.Tensor:
     """hidden (B, L..., H), weight (V, H[,1,1]), bias (V,), targets int64 (B, L...) → mean masked log-prob (B,)
-    fp32, one matmul per row."""
+    fp32, one matmul per row (per masked row with compact_rows)."""
     head, hidden_rows, rows, row_step, chunk_rows = _chunk_passes(
         hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype)
-    row_logp = torch.empty(hidden_rows.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden_rows.shape[0], chunk_rows):
-        chunk = slice(start, start + chunk_rows)
+    row_logp = rows.row_buffer()
+    for chunk in _row_chunks(rows, chunk_rows, compact_rows):
         logits = head.logits(hidden_rows[chunk])
         lse, target_logit = row_step(logits, rows.targets[chunk], head.bias, None)
         row_logp[chunk] = target_logit - lse
@@ -524,7 +580,7 @@ def masked_token_logprob_op(
 
 
 @masked_token_logprob_op.register_fake
-def _(hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype):
+def _(hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype, compact_rows):
     return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
 
 
@@ -533,16 +589,15 @@ def _(hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logit
 def masked_token_logprob_backward_op(
     grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     targets: torch.Tensor, ignore_index: int, use_triton: bool, chunk_rows: int, logits_dtype: torch.dtype,
-    needs_hidden: bool, needs_weight: bool, needs_bias: bool,
+    compact_rows: bool, needs_hidden: bool, needs_weight: bool, needs_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recompute each chunk's logits; ∂logp_i/∂logits_r = (onehot − softmax)/|M_i| = −D_r/|M_i|.
     Returns the gradients of hidden, weight, bias in their dtypes (empty (0,) where not needed)."""
     head, hidden_rows, rows, row_step, chunk_rows = _chunk_passes(
         hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype)
     row_coef = rows.row_coefficients(-grad_logp.float())
-    grads = _Grads(hidden_rows, weight, bias, head, (needs_hidden, needs_weight, needs_bias))
-    for start in range(0, hidden_rows.shape[0], chunk_rows):
-        chunk = slice(start, start + chunk_rows)
+    grads = _Grads(hidden_rows, weight, bias, head, (needs_hidden, needs_weight, needs_bias), compact_rows)
+    for chunk in _row_chunks(rows, chunk_rows, compact_rows):
         hidden_chunk = hidden_rows[chunk]
         logits = head.logits(hidden_chunk)
         d_logits = head.grad_buffer(logits)
@@ -565,7 +620,7 @@ def _fake_grads(hidden, weight, bias, needs, grad_dtype=None):
 
 
 @masked_token_logprob_backward_op.register_fake
-def _(grad_logp, hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype,
+def _(grad_logp, hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype, compact_rows,
       needs_hidden, needs_weight, needs_bias):
     return _fake_grads(hidden, weight, bias, (needs_hidden, needs_weight, needs_bias))
 
@@ -580,7 +635,7 @@ def _logprob_backward(ctx, grad_logp):
     hidden, weight, bias, targets = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
     grads = masked_token_logprob_backward_op(grad_logp, hidden, weight, bias, targets, *ctx.options, *needs)
-    return (*(grad if need else None for grad, need in zip(grads, needs)), None, None, None, None, None)
+    return (*(grad if need else None for grad, need in zip(grads, needs)), *([None] * (1 + len(ctx.options))))
 
 
 masked_token_logprob_op.register_autograd(_logprob_backward, setup_context=_logprob_setup_context)
@@ -596,7 +651,7 @@ def fused_linear_masked_tgo_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
     ref_logp: torch.Tensor, scores: torch.Tensor, threshold: Optional[torch.Tensor], threshold_value: float,
     beta: float, c: float, reduction: str, ignore_index: int, use_triton: bool, chunk_rows: int,
-    logits_dtype: torch.dtype, needs_hidden: bool, needs_weight: bool, needs_bias: bool,
+    logits_dtype: torch.dtype, compact_rows: bool, needs_hidden: bool, needs_weight: bool, needs_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over chunks of whole samples, all gradients in forward. τ is `threshold` (0-d) if given, else
     threshold_value. reduction "mean" | "sum". Returns (loss, policy_logp, labels, weights, grad_hidden
@@ -604,27 +659,28 @@ def fused_linear_masked_tgo_op(
     tau = threshold if threshold is not None else threshold_value
     head, hidden_rows, rows, row_step, chunk_rows = _chunk_passes(
         hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype)
-    grads = _Grads(hidden_rows, weight, bias, head, (needs_hidden, needs_weight, needs_bias))
+    grads = _Grads(hidden_rows, weight, bias, head, (needs_hidden, needs_weight, needs_bias), compact_rows)
     n_samples, sample_len = rows.masked.shape
     per_sample = 1.0 / n_samples if reduction == "mean" else 1.0
-    samples_per_chunk = max(1, chunk_rows // sample_len)
     policy_logp = torch.empty(n_samples, dtype=torch.float32, device=hidden.device)
+    row_logp, row_coef = rows.row_buffer(), rows.row_buffer()
 
-    for first in range(0, n_samples, samples_per_chunk):
-        end = min(n_samples, first + samples_per_chunk)
-        chunk = slice(first * sample_len, end * sample_len)
+    for first, end, chunk in _sample_chunks(rows, chunk_rows, compact_rows):
+        sample_rows = slice(first * sample_len, end * sample_len)  # the chunk's samples, all their rows
         hidden_chunk = hidden_rows[chunk]
         logits = head.logits(hidden_chunk)
         d_logits = head.grad_buffer(logits)
         lse, target_logit = row_step(logits, rows.targets[chunk], head.bias, d_logits)
         del logits  # free the chunk (when D went to another buffer) before the matmuls / next chunk
-        policy_logp[first:end] = rows.sample_mean(target_logit - lse, first, end)
+        row_logp[chunk] = target_logit - lse
+        policy_logp[first:end] = rows.sample_mean(row_logp[sample_rows], first, end)
         implicit = beta * (policy_logp[first:end] - ref_logp[first:end])
         labels = labels_of(scores[first:end], tau).float()
         weights = weights_of(scores[first:end], tau, c).float()
         # ∂ℓ/∂logits_r = g_i·β/|M_i|·(onehot − softmax) = coef_r·D_r.
         sample_coef = -tgo_score_gradient(implicit, labels, weights) * (beta * per_sample)
-        grads.add_chunk(head, chunk, hidden_chunk, d_logits, rows.row_coefficients(sample_coef, first, end))
+        row_coef[sample_rows] = rows.row_coefficients(sample_coef, first, end)
+        grads.add_chunk(head, chunk, hidden_chunk, d_logits, row_coef[chunk])
         del d_logits
 
     loss, labels, weights = tgo_objective(beta * (policy_logp - ref_logp), scores, tau, c, reduction)
@@ -633,7 +689,7 @@ def fused_linear_masked_tgo_op(
 
 @fused_linear_masked_tgo_op.register_fake
 def _(hidden, weight, bias, targets, ref_logp, scores, threshold, threshold_value, beta, c, reduction,
-      ignore_index, use_triton, chunk_rows, logits_dtype, needs_hidden, needs_weight, needs_bias):
+      ignore_index, use_triton, chunk_rows, logits_dtype, compact_rows, needs_hidden, needs_weight, needs_bias):
     per_sample = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
     return (hidden.new_empty((), dtype=torch.float32), per_sample, torch.empty_like(per_sample),
             torch.empty_like(per_sample),
@@ -652,7 +708,7 @@ def _single_pass_backward(ctx, grad_loss, *_):
         (grad.float() * grad_loss).to(dtype) if need else None
         for grad, dtype, need in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3])
     ]
-    return (*grads, *([None] * 15))
+    return (*grads, *([None] * (len(ctx.needs_input_grad) - 3)))
 
 
 fused_linear_masked_tgo_op.register_autograd(_single_pass_backward, setup_context=_single_pass_setup_context)
@@ -729,7 +785,7 @@ def _needs_grad(*tensors) -> tuple[bool, ...]:
 
 
 def masked_token_logprob(hidden, weight, targets, *, bias=None, ignore_index=-100, use_triton=False,
-                         chunk_rows=None, logits_dtype=torch.float32, validate=True):
+                         chunk_rows=None, logits_dtype=torch.float32, compact_rows=False, validate=True):
     """Mean log-prob of the masked tokens per sample, without full logits.
 
     hidden (B, L..., H), weight (V, H) or (V, H, 1, 1), targets (B, L...) int with ignore_index at
@@ -737,18 +793,20 @@ def masked_token_logprob(hidden, weight, targets, *, bias=None, ignore_index=-10
     ``torch.no_grad()`` it costs one matmul per row — the reference model's path.
     chunk_rows: rows per chunk (default: a logits chunk about the size of the hidden rows, ≥ 256 rows);
     logits_dtype: precision of the per-chunk logits (fp32 default; bf16/fp16 halve that buffer).
+    compact_rows: compute the masked rows only (one device→host sync per op call: not in CUDA graphs).
     """
-    _check_options(chunk_rows, logits_dtype)
+    _check_options(chunk_rows, logits_dtype, compact_rows)
     head, targets = _validate(hidden, weight, bias, targets, ignore_index, validate)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     chunk_rows = chunk_rows or _default_chunk_rows(hidden.numel() // hidden.shape[-1], head.shape[1], head.shape[0])
-    return masked_token_logprob_op(hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype)
+    return masked_token_logprob_op(
+        hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype, compact_rows)
 
 
 def fused_linear_masked_loss(hidden, weight, targets, scores, threshold, *, bias=None, ref_logp,
                              beta=1.0, c=5.0, reduction="mean", ignore_index=-100, use_triton=False,
                              return_stats=False, schedule="auto", chunk_rows=None, logits_dtype=torch.float32,
-                             validate=True):
+                             compact_rows=False, validate=True):
     """TGO loss of a masked-token model from hidden states and its output head (SPEC §2, §3).
 
     hidden (B, L..., H); weight (V, H) or aMUSEd's 1×1 Conv2d (V, H, 1, 1); targets (B, L...) int
@@ -762,10 +820,15 @@ def fused_linear_masked_loss(hidden, weight, targets, scores, threshold, *, bias
     ≥ 256; a single-pass chunk holds at least one whole sample). logits_dtype: precision of the per-chunk
     logits, torch.float32 (default) or torch.bfloat16 / torch.float16 (half the chunk memory; log-softmax
     still accumulated in fp32). validate: value checks (``tgo_fast._validation``), never a host sync.
+    compact_rows: compute the masked rows only ((1 − mask ratio) fewer matmul rows; single-pass chunks then
+    pack as many whole samples as fit in chunk_rows masked rows). The default computes every row and never
+    synchronises; True reads the masked-row counts to the host, ONE device→host sync per op call (one per
+    step with the single pass, two with the two-pass schedule): fine eagerly and under torch.compile (the sync
+    is inside the opaque op), a ValueError under CUDA-graph capture. Same results to fp32 rounding.
     """
     if schedule not in ("auto", "single_pass", "two_pass"):
         raise ValueError(f"schedule must be 'auto', 'single_pass' or 'two_pass', got {schedule!r}")
-    _check_options(chunk_rows, logits_dtype)
+    _check_options(chunk_rows, logits_dtype, compact_rows)
     head, targets = _validate(hidden, weight, bias, targets, ignore_index, validate)
     n_samples = hidden.shape[0]
     check_float_tensor(ref_logp, "ref_logp")
@@ -792,11 +855,11 @@ def fused_linear_masked_loss(hidden, weight, targets, scores, threshold, *, bias
         tau_value = 0.0 if tau_tensor is not None else threshold
         loss, policy_logp, labels, weights, *_ = fused_linear_masked_tgo_op(
             hidden, weight, bias, targets, ref_logp, scores, tau_tensor, tau_value, float(beta), float(c), reduction,
-            ignore_index, use_triton, chunk_rows, logits_dtype, *needs,
+            ignore_index, use_triton, chunk_rows, logits_dtype, compact_rows, *needs,
         )
     else:
         policy_logp = masked_token_logprob_op(
-            hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype)
+            hidden, weight, bias, targets, ignore_index, use_triton, chunk_rows, logits_dtype, compact_rows)
         loss, labels, weights = tgo_objective(beta * (policy_logp - ref_logp), scores, threshold, c, reduction)
     if not return_stats:
         return loss

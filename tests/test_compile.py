@@ -200,18 +200,20 @@ def test_opcheck_masked_ops(use_triton):
     hidden, weight, bias, batch = _masked_op_inputs()
     targets, scores, ref_logp = batch["targets"], batch["scores"], batch["ref_logp"]
     tau = torch.tensor(0.5, dtype=torch.float64, device=DEVICE)
-    torch.library.opcheck(masked_kernel.masked_token_logprob_op,
-                          (hidden, weight, bias, targets, IGNORE, use_triton, 4, torch.float32))
-    torch.library.opcheck(masked_kernel.masked_token_logprob_op,
-                          (hidden, weight.detach(), None, targets, IGNORE, use_triton, 64, torch.bfloat16))
-    grad_logp = torch.rand(3, device=DEVICE)
-    torch.library.opcheck(masked_kernel.masked_token_logprob_backward_op,
-                          (grad_logp, hidden.detach(), weight.detach(), bias.detach(), targets, IGNORE, use_triton, 4,
-                           torch.float32, True, True, False))
-    for threshold, threshold_value, reduction in ((None, 0.5, "mean"), (tau, 0.0, "sum")):
-        torch.library.opcheck(masked_kernel.fused_linear_masked_tgo_op,
-                              (hidden, weight, bias, targets, ref_logp, scores, threshold, threshold_value, 1.5, 3.0,
-                               reduction, IGNORE, use_triton, 5, torch.float32, True, True, True))
+    for compact_rows in (False, True):
+        torch.library.opcheck(masked_kernel.masked_token_logprob_op,
+                              (hidden, weight, bias, targets, IGNORE, use_triton, 4, torch.float32, compact_rows))
+        torch.library.opcheck(masked_kernel.masked_token_logprob_op,
+                              (hidden, weight.detach(), None, targets, IGNORE, use_triton, 64, torch.bfloat16,
+                               compact_rows))
+        grad_logp = torch.rand(3, device=DEVICE)
+        torch.library.opcheck(masked_kernel.masked_token_logprob_backward_op,
+                              (grad_logp, hidden.detach(), weight.detach(), bias.detach(), targets, IGNORE, use_triton,
+                               4, torch.float32, compact_rows, True, True, False))
+        for threshold, threshold_value, reduction in ((None, 0.5, "mean"), (tau, 0.0, "sum")):
+            torch.library.opcheck(masked_kernel.fused_linear_masked_tgo_op,
+                                  (hidden, weight, bias, targets, ref_logp, scores, threshold, threshold_value, 1.5,
+                                   3.0, reduction, IGNORE, use_triton, 5, torch.float32, compact_rows, True, True, True))
 
 
 def test_opcheck_logits_ops():

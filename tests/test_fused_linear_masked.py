@@ -329,9 +329,10 @@ def test_integer_targets_of_any_width(impl, dtype):
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("schedule", ["single_pass", "two_pass"])
-def test_per_sample_sums_are_deterministic(monkeypatch, impl, schedule):
+@pytest.mark.parametrize("compact_rows", [False, True])
+def test_per_sample_sums_are_deterministic(monkeypatch, impl, schedule, compact_rows):
     """No index_add_ (atomics, non-deterministic on CUDA) anywhere on the masked paths; repeated calls are
-    bitwise equal (chunks of 5 rows split samples and span several)."""
+    bitwise equal (chunks of 5 rows split samples and span several), all rows or the masked rows only."""
     def no_index_add(*args, **kwargs):
         raise AssertionError("index_add_ is not deterministic on CUDA")
 
@@ -341,10 +342,10 @@ def test_per_sample_sums_are_deterministic(monkeypatch, impl, schedule):
     runs = []
     for _ in range(2):
         loss, stats = fused_op(hidden, weight, targets, scores, 0.0, bias=bias, ref_logp=ref_logp, return_stats=True,
-                               use_triton=impl == "triton", schedule=schedule, chunk_rows=5)
+                               use_triton=impl == "triton", schedule=schedule, chunk_rows=5, compact_rows=compact_rows)
         grads = torch.autograd.grad(loss, (hidden, weight, bias))
         with torch.no_grad():
-            logp = masked_token_logprob(hidden, weight, targets, bias=bias, impl=impl)
+            logp = masked_token_logprob(hidden, weight, targets, bias=bias, impl=impl, compact_rows=compact_rows)
         logits_loss = tgo_masked_loss(logits, None, targets, scores, 0.0, ref_logp=ref_logp, impl=impl)
         (logits_grad,) = torch.autograd.grad(logits_loss, logits)
         runs.append((loss, stats["policy_logp"], *grads, logp, logits_loss, logits_grad))
@@ -456,6 +457,7 @@ def test_public_chunk_rows_option(chunk_rows):
     (dict(chunk_rows=0), "chunk_rows must be a positive int"),
     (dict(chunk_rows=2.5), "chunk_rows must be a positive int"),
     (dict(logits_dtype=torch.float64), "logits_dtype must be one of"),
+    (dict(compact_rows=1), "compact_rows must be True or False"),
 ])
 def test_bad_options(option, pattern):
     hidden, weight, bias, targets, scores, ref_logp = make_inputs(2, 6, 16, 50)
@@ -463,3 +465,163 @@ def test_bad_options(option, pattern):
         tgo_fused_linear_masked_loss(hidden, weight, targets, scores, 0.0, ref_logp=ref_logp, **option)
     with pytest.raises(ValueError, match=pattern):
         masked_token_logprob(hidden, weight, targets, **option)
+
+
+# ------------------------------------------------------------------------------------------------- compact_rows
+def compact_inputs(dtype=torch.float32):
+    """Odd shapes, ~50 % masked, sample 1 with a single masked token."""
+    inputs = make_inputs(4, 13, 37, 301, dtype=dtype, mask_prob=0.5)
+    targets = inputs[3]
+    targets[1] = IGNORE
+    targets[1, 6] = 17
+    return inputs
+
+
+def run_fused(inputs, grad_output, **options):
+    """Loss, stats, reference log-probs (no grad) and the gradients of hidden, weight, bias."""
+    hidden, weight, bias, targets, scores, ref_logp = inputs
+    params = (hidden, weight, bias)
+    loss, stats = fused_op(hidden, weight, targets, scores, 0.2, bias=bias, ref_logp=ref_logp, beta=1.5, c=3.0,
+                           return_stats=True, **options)
+    grads = torch.autograd.grad(loss, params, grad_output)
+    logp_options = {key: options[key] for key in ("chunk_rows", "compact_rows") if key in options}
+    with torch.no_grad():
+        logp = masked_token_logprob(hidden, weight, targets, bias=bias, impl="triton" if options["use_triton"] else "torch",
+                                    **logp_options)
+    return loss, stats, logp, grads
+
+
+def assert_same_values(actual, expected):
+    """(loss, stats, log-probs) equal to fp32 rounding: log-probs to 1e-6 relative; the implicit score β·(logp −
+    ref_logp) and the loss built on it to 1e-6 of β·|logp| (the subtraction's operands)."""
+    (loss, stats, logp), (expected_loss, expected_stats, expected_logp) = actual, expected
+    score_atol = 1e-6 * 1.5 * expected_stats["policy_logp"].abs().max().item()
+    torch.testing.assert_close(logp, expected_logp, rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats["policy_logp"], expected_stats["policy_logp"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=score_atol)
+    for key in STAT_KEYS:
+        torch.testing.assert_close(stats[key], expected_stats[key], rtol=1e-6, atol=score_atol, msg=key)
+
+
+def count_head_rows(monkeypatch):
+    """Record the number of rows of every chunk that goes through the head."""
+    from tgo_fast.kernels import fused_linear_masked_loss as module
+
+    seen = []
+    original = module._Head.logits
+
+    def logits(self, hidden_chunk):
+        seen.append(hidden_chunk.shape[0])
+        return original(self, hidden_chunk)
+
+    monkeypatch.setattr(module._Head, "logits", logits)
+    return seen
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("schedule, reduction", [
+    ("single_pass", "mean"), ("single_pass", "sum"), ("two_pass", "mean"), ("two_pass", "none"),
+])
+@pytest.mark.parametrize("chunk_rows", [5, 16, 1000])
+def test_compact_rows_equals_every_row(monkeypatch, impl, schedule, reduction, chunk_rows):
+    """compact_rows=True computes the masked rows only and gives the default path's loss, stats, log-probs and
+    gradients to fp32 rounding; grad_hidden is exactly 0 at unmasked rows. Chunks of 5 rows split the samples'
+    masked rows, 16 pack one to three samples, 1000 hold all."""
+    inputs = compact_inputs()
+    masked = inputs[3] != IGNORE
+    grad_output = torch.rand(4 if reduction == "none" else ()) + 0.5
+    options = dict(use_triton=impl == "triton", schedule=schedule, reduction=reduction, chunk_rows=chunk_rows)
+    expected_loss, expected_stats, expected_logp, expected_grads = run_fused(inputs, grad_output, **options)
+    head_rows = count_head_rows(monkeypatch)
+    loss, stats, logp, grads = run_fused(inputs, grad_output, compact_rows=True, **options)
+
+    passes = 2 if schedule == "single_pass" else 3  # the loss (+ backward for two passes), the no-grad log-probs
+    assert sum(head_rows) == passes * int(masked.sum()) and max(head_rows) <= max(chunk_rows, 13)
+    assert_same_values((loss, stats, logp), (expected_loss, expected_stats, expected_logp))
+    for grad, expected in zip(grads, expected_grads):
+        assert grad.shape == expected.shape and grad.dtype == expected.dtype
+        assert relative_rms(grad, expected) <= 2e-6
+    assert torch.equal(grads[0][~masked], torch.zeros_like(grads[0][~masked]))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("schedule", ["single_pass", "two_pass"])
+@pytest.mark.parametrize("half_matmuls", [False, True])
+def test_compact_rows_bf16_inputs(monkeypatch, impl, schedule, half_matmuls):
+    """bf16 inputs, with fp32 matmuls (CPU) or the CUDA path's half operands and half D (emulated as in
+    test_half_precision_matmul_path): the fp32 stats equal the default path on the same bf16 inputs to fp32
+    rounding, the bf16 gradients by relative RMS within one bf16 rounding."""
+    from tgo_fast.kernels import fused_linear_masked_loss as module
+
+    if half_matmuls:
+        monkeypatch.setattr(module, "_half_operands", lambda hidden: True)
+        monkeypatch.setattr(module, "_mm_half_fp32_out", lambda a, b: a.float() @ b.float())
+        monkeypatch.setattr(module, "_addmm_half_fp32_out", lambda out, a, b: out.addmm_(a.float(), b.float()))
+    inputs = compact_inputs(torch.bfloat16)
+    options = dict(use_triton=impl == "triton", schedule=schedule, chunk_rows=16)
+    expected_loss, expected_stats, expected_logp, expected_grads = run_fused(inputs, None, **options)
+    loss, stats, logp, grads = run_fused(inputs, None, compact_rows=True, **options)
+
+    assert_same_values((loss, stats, logp), (expected_loss, expected_stats, expected_logp))
+    for grad, expected in zip(grads, expected_grads):
+        assert grad.dtype == torch.bfloat16
+        assert relative_rms(grad, expected) <= torch.finfo(torch.bfloat16).eps
+    masked = inputs[3] != IGNORE
+    assert torch.equal(grads[0][~masked], torch.zeros_like(grads[0][~masked]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compact_rows_compiles_to_one_graph(reduction):
+    """The host sync of compact_rows happens inside the custom op (opaque to dynamo): a function computing the
+    loss and its gradients compiles with fullgraph=True (a graph break would raise) and gives the eager values,
+    through the single pass ("mean") and the two-pass schedule ("none")."""
+    hidden, weight, bias, targets, scores, ref_logp = compact_inputs()
+
+    def loss_and_grads(hidden, weight, bias):
+        loss = tgo_fused_linear_masked_loss(hidden, weight, targets, scores, 0.2, bias=bias, ref_logp=ref_logp,
+                                            reduction=reduction, impl="torch", chunk_rows=16, compact_rows=True)
+        loss = loss.sum()
+        return loss.detach(), *torch.autograd.grad(loss, (hidden, weight, bias))
+
+    eager = loss_and_grads(hidden, weight, bias)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            compiled = torch.compile(loss_and_grads, fullgraph=True, backend="aot_eager")(hidden, weight, bias)
+    finally:
+        torch._dynamo.reset()
+    for actual, expected in zip(compiled, eager):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compact_rows_syncs_once_and_refuses_cuda_graph_capture():
+    """On CUDA: one device→host synchronisation per single-pass step (forward + backward), none with the default;
+    inside a CUDA-graph capture compact_rows=True is a ValueError naming the default."""
+    import warnings
+
+    hidden, weight, bias, targets, scores, ref_logp = (
+        None if t is None else t.detach().cuda().requires_grad_(t.requires_grad) for t in compact_inputs())
+
+    def step(compact_rows):
+        loss = tgo_fused_linear_masked_loss(hidden, weight, targets, scores, 0.2, bias=bias, ref_logp=ref_logp,
+                                            chunk_rows=16, compact_rows=compact_rows)
+        torch.autograd.grad(loss, (hidden, weight, bias))
+
+    sync_counts = []
+    for compact_rows in (False, True):
+        step(compact_rows)  # warm up: Triton JIT, cuBLAS handles
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(compact_rows)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        sync_counts.append(sum("synchronizing" in str(w.message) for w in caught))
+    assert sync_counts == [0, 1]
+
+    with pytest.raises(ValueError, match="compact_rows=True.*CUDA graph.*compact_rows=False"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step(True)

@@ -295,6 +295,7 @@ def tgo_fused_linear_masked_loss(
     return_stats: bool = False,
     chunk_rows: int | None = None,
     logits_dtype: torch.dtype = torch.float32,
+    compact_rows: bool = False,
     validate: bool = True,
 ):
     """TGO loss of a masked transformer straight from hidden states and the output head (no full logits).
@@ -309,6 +310,13 @@ def tgo_fused_linear_masked_loss(
         logits_dtype: precision of each chunk's logits: torch.float32 (default, exact log-softmax of fp32
             h·Wᵀ) or torch.bfloat16 / torch.float16 (logits rounded once, as a half-precision head would
             produce them; half the chunk memory; the log-sum-exp is still accumulated in fp32).
+        compact_rows: False (default): every one of the B·L rows goes through the head (unmasked ones with a zero
+            coefficient), so the op never synchronises with the host. True: only the masked rows do ((1 − mask
+            ratio) fewer matmul rows, same results to fp32 rounding, grad_hidden exactly 0 at unmasked rows), at
+            the cost of ONE device→host synchronisation per op call to read the masked-row counts (one per step
+            with the single pass, one in forward and one in backward with the two-pass schedule). For eager
+            training with sparse masks; it works under ``torch.compile(fullgraph=True)`` (the sync is inside the
+            custom op) but not in a CUDA graph (a ValueError during capture).
         validate: as ``tgo_diffusion_loss`` (finite scores, τ and ref_logp; targets in range; a masked token
             per sample), never a host synchronisation.
     """
@@ -319,7 +327,7 @@ def tgo_fused_linear_masked_loss(
     return fused_linear_masked_loss(
         hidden, weight, targets, scores, threshold, bias=bias, ref_logp=ref_logp, beta=beta, c=c,
         reduction=reduction, ignore_index=ignore_index, use_triton=use_triton, return_stats=return_stats,
-        chunk_rows=chunk_rows, logits_dtype=logits_dtype, validate=validate,
+        chunk_rows=chunk_rows, logits_dtype=logits_dtype, compact_rows=compact_rows, validate=validate,
     )
 
 
@@ -333,17 +341,19 @@ def masked_token_logprob(
     impl: str = "auto",
     chunk_rows: int | None = None,
     logits_dtype: torch.dtype = torch.float32,
+    compact_rows: bool = False,
     validate: bool = True,
 ) -> torch.Tensor:
     """Per-sample mean log-prob of the masked targets (B,), fp32, computed chunk by chunk (differentiable; one
-    matmul per row under no_grad). chunk_rows, logits_dtype, validate: as ``tgo_fused_linear_masked_loss``."""
+    matmul per row under no_grad). chunk_rows, logits_dtype, compact_rows, validate: as
+    ``tgo_fused_linear_masked_loss`` (compact_rows: masked rows only, one host sync per call)."""
     V.check_float_tensor(hidden, "hidden")
     use_triton = V.resolve_impl(impl, hidden) == "triton"
     from .kernels.fused_linear_masked_loss import masked_token_logprob as _masked_token_logprob
 
     return _masked_token_logprob(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, use_triton=use_triton, chunk_rows=chunk_rows,
-        logits_dtype=logits_dtype, validate=validate,
+        logits_dtype=logits_dtype, compact_rows=compact_rows, validate=validate,
     )
 
 
