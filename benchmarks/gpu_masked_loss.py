@@ -6,6 +6,7 @@ Forward + backward of one training step's loss from hidden states and the output
   * fused (Triton) CUDA graph  the same step captured once in a CUDA graph and replayed (no host work per step)
   * fused (Triton) bf16 logits ``logits_dtype=torch.bfloat16``: each chunk's logits in bf16 (half the chunk memory)
   * fused (torch)           the same chunked algorithm with the PyTorch per-chunk step (what CPUs run)
+  * fused (torch) compact   ``compact_rows=True``: the masked rows only (one device→host sync per op call)
   * fused two-pass          the schedule that recomputes logits in backward (Triton step on GPU, torch on CPU)
   * full logits             logits = hidden·Wᵀ + b materialised, then the readable ``tgo_masked_loss``
   * full logits (compile)   ``torch.compile`` of the full-logits math (``logprob_from_logits`` + ``tgo_objective``)
@@ -47,7 +48,7 @@ SHAPES = {  # (batch, masked-sequence length, hidden width, codebook + special t
 MASK_RATIO = 0.6
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CASES = ("fused_triton", "fused_triton_compile", "fused_triton_cudagraph", "fused_triton_bf16_logits", "fused_torch",
-         "fused_two_pass", "full_logits", "full_logits_compile", "liger_fused_kto")
+         "fused_torch_compact", "fused_two_pass", "full_logits", "full_logits_compile", "liger_fused_kto")
 GPU_ONLY = ("fused_triton", "fused_triton_compile", "fused_triton_cudagraph", "fused_triton_bf16_logits",
             "liger_fused_kto")
 
@@ -82,12 +83,13 @@ def loss_function(case: str, device: str):
 
     from tgo_fast.loss import logprob_from_logits, tgo_fused_linear_masked_loss, tgo_masked_loss, tgo_objective
 
-    if case in ("fused_triton", "fused_torch", "fused_triton_cudagraph", "fused_triton_bf16_logits"):
-        impl = "torch" if case == "fused_torch" else "triton"
+    if case in ("fused_triton", "fused_torch", "fused_torch_compact", "fused_triton_cudagraph",
+                "fused_triton_bf16_logits"):
+        impl = "torch" if case.startswith("fused_torch") else "triton"
         logits_dtype = torch.bfloat16 if case == "fused_triton_bf16_logits" else torch.float32
         return lambda x: tgo_fused_linear_masked_loss(
             x["hidden"], x["weight"], x["targets"], x["scores"], x["threshold"], bias=x["bias"],
-            ref_logp=x["ref_logp"], impl=impl, logits_dtype=logits_dtype,
+            ref_logp=x["ref_logp"], impl=impl, logits_dtype=logits_dtype, compact_rows=case == "fused_torch_compact",
         )
     if case == "fused_triton_compile":
         torch._dynamo.reset()
