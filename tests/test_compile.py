@@ -213,7 +213,8 @@ def test_opcheck_masked_ops(use_triton):
         for threshold, threshold_value, reduction in ((None, 0.5, "mean"), (tau, 0.0, "sum")):
             torch.library.opcheck(masked_kernel.fused_linear_masked_tgo_op,
                                   (hidden, weight, bias, targets, ref_logp, scores, threshold, threshold_value, 1.5,
-                                   3.0, reduction, IGNORE, use_triton, 5, torch.float32, compact_rows, True, True, True))
+                                   3.0, reduction, IGNORE, use_triton, 5, torch.float32, compact_rows,
+                                   True, True, True))
 
 
 def test_opcheck_logits_ops():

@@ -485,9 +485,9 @@ def run_fused(inputs, grad_output, **options):
                            return_stats=True, **options)
     grads = torch.autograd.grad(loss, params, grad_output)
     logp_options = {key: options[key] for key in ("chunk_rows", "compact_rows") if key in options}
+    impl = "triton" if options["use_triton"] else "torch"
     with torch.no_grad():
-        logp = masked_token_logprob(hidden, weight, targets, bias=bias, impl="triton" if options["use_triton"] else "torch",
-                                    **logp_options)
+        logp = masked_token_logprob(hidden, weight, targets, bias=bias, impl=impl, **logp_options)
     return loss, stats, logp, grads
 
 
